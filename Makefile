@@ -1,0 +1,45 @@
+# Every target bootstraps .venv with pip if it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Avoids a CPU-backend hang of jaxlib 0.10.2 on 2-core machines (see DESIGN.md).
+export XLA_FLAGS ?= --xla_cpu_enable_concurrency_optimized_scheduler=false
+
+.PHONY: demo test lint typecheck unit docs docs-build bench bench-quick clean
+
+$(BIN)/.bootstrapped: pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "$(PY) not found"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,docs,bench]"
+	touch $@
+
+demo: $(BIN)/.bootstrapped
+	$(BIN)/python examples/kinetic_energy.py
+
+lint: $(BIN)/.bootstrapped
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+typecheck: $(BIN)/.bootstrapped
+	$(BIN)/pyright
+
+unit: $(BIN)/.bootstrapped
+	$(BIN)/python -m pytest -n 2 -q
+
+docs-build: $(BIN)/.bootstrapped
+	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict -q; fi
+
+test: lint typecheck unit docs-build
+
+docs: $(BIN)/.bootstrapped
+	$(BIN)/mkdocs serve
+
+bench: $(BIN)/.bootstrapped
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(BIN)/.bootstrapped
+	$(BIN)/python -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) .venv-oldjax site .pytest_cache

@@ -1,0 +1,136 @@
+"""Laplacian methods: ``make_laplacian(f) -> lap_fn(x) -> scalar``.
+
+Each factory takes a scalar function ``f`` of one flat configuration ``x`` and
+returns a function computing ``sum_i d^2 f / dx_i^2`` at ``x``. The runner
+batches it with ``jax.vmap`` and compiles it with ``jax.jit``. A factory whose
+backend is missing or lacks a feature raises :class:`Unavailable`; the runner
+records that method as ``n/a`` and carries on.
+"""
+
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ScalarFn = Callable[[jax.Array], jax.Array]
+
+FOLX_SPARSITY = 6
+"""``sparsity_threshold`` of the sparse folx method (and of ``fwdlap_sparse``)."""
+
+
+class Unavailable(Exception):
+    """A method cannot run here (optional dependency missing, feature absent)."""
+
+
+def hessian(f: ScalarFn) -> ScalarFn:
+    """Trace of the dense Hessian from ``jax.hessian`` (forward over reverse)."""
+    return lambda x: jnp.trace(jax.hessian(f)(x))
+
+
+def ferminet_loop(f: ScalarFn) -> ScalarFn:
+    """FermiNet's default: linearize the gradient, sum its diagonal in a loop.
+
+    ``jax.linearize`` of ``grad f`` is evaluated once; a ``lax.fori_loop`` then
+    pushes each unit vector ``e_i`` through the linear map and keeps entry ``i``.
+    """
+    grad_f = jax.grad(f)
+
+    def lap_fn(x: jax.Array) -> jax.Array:
+        _, dgrad_f = jax.linearize(grad_f, x)
+        eye = jnp.eye(x.size, dtype=x.dtype)
+
+        def body(i, acc):
+            return acc + dgrad_f(eye[i])[i]
+
+        return lax.fori_loop(0, x.size, body, jnp.zeros((), x.dtype))
+
+    return lap_fn
+
+
+def jvp_of_grad(f: ScalarFn) -> ScalarFn:
+    """``sum_i e_i^T (d grad f) e_i`` with all directions vmapped at once."""
+    grad_f = jax.grad(f)
+
+    def lap_fn(x: jax.Array) -> jax.Array:
+        def diag_entry(v: jax.Array) -> jax.Array:
+            return jax.jvp(grad_f, (x,), (v,))[1] @ v
+
+        return jax.vmap(diag_entry)(jnp.eye(x.size, dtype=x.dtype)).sum()
+
+    return lap_fn
+
+
+def _folx(sparsity_threshold: int) -> Callable[[ScalarFn], ScalarFn]:
+    """Factory for folx's forward Laplacian with the given sparsity threshold."""
+
+    def make(f: ScalarFn) -> ScalarFn:
+        try:
+            import folx
+        except ImportError as err:
+            raise Unavailable(f"folx not importable: {err}") from err
+        fwd = folx.forward_laplacian(f, sparsity_threshold=sparsity_threshold)
+        return lambda x: fwd(x).laplacian
+
+    return make
+
+
+def _import_fwdlap():
+    """Imports ``fwdlap`` or raises :class:`Unavailable` with the reason."""
+    try:
+        import fwdlap
+    except Exception as err:  # a half-written library can fail in many ways
+        raise Unavailable(f"fwdlap not importable: {type(err).__name__}: {err}") from err
+    if not hasattr(fwdlap, "lap"):
+        raise Unavailable("fwdlap has no `lap`")
+    return fwdlap
+
+
+def _fwdlap_call(fwdlap, f: ScalarFn, x: jax.Array, **kwargs) -> jax.Array:
+    """Laplacian of ``f`` at ``x`` from ``fwdlap.lap`` with a dense identity."""
+    eye = jnp.eye(x.size, dtype=x.dtype)
+    zero = fwdlap.zero_tangent_from_primal(x)
+    _, _, lap = fwdlap.lap(f, (x,), (eye,), (zero,), **kwargs)
+    return lap
+
+
+def fwdlap_dense(f: ScalarFn) -> ScalarFn:
+    """This library's forward Laplacian with a dense identity jacobian."""
+    fwdlap = _import_fwdlap()
+    return lambda x: _fwdlap_call(fwdlap, f, x)
+
+
+def fwdlap_sparse(f: ScalarFn) -> ScalarFn:
+    """This library's forward Laplacian with block-sparse jacobians.
+
+    Runs only once ``fwdlap.lap`` accepts a ``sparsity`` keyword (planned work);
+    it is then passed the same threshold as the sparse folx method.
+    """
+    fwdlap = _import_fwdlap()
+    try:
+        params = inspect.signature(fwdlap.lap).parameters
+    except (TypeError, ValueError) as err:
+        raise Unavailable(f"cannot inspect fwdlap.lap: {err}") from err
+    if "sparsity" not in params:
+        raise Unavailable("fwdlap.lap has no `sparsity` keyword yet")
+    return lambda x: _fwdlap_call(fwdlap, f, x, sparsity=FOLX_SPARSITY)
+
+
+METHODS: dict[str, Callable[[ScalarFn], ScalarFn]] = {
+    "hessian": hessian,
+    "ferminet_loop": ferminet_loop,
+    "jvp_of_grad": jvp_of_grad,
+    "folx_dense": _folx(0),
+    "folx_sparse": _folx(FOLX_SPARSITY),
+    "fwdlap": fwdlap_dense,
+    "fwdlap_sparse": fwdlap_sparse,
+}
+"""Method name -> ``make_laplacian`` factory, in table order."""
+
+
+def make_laplacian(name: str, f: ScalarFn) -> ScalarFn:
+    """Returns method ``name``'s laplacian function of ``f`` (may raise Unavailable)."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    return METHODS[name](f)

@@ -1,0 +1,10 @@
+"""The flat-argument forward-Laplacian core. It knows nothing of pytrees."""
+
+from . import rules as rules
+from .registry import register as register
+from .trace import LapTrace as LapTrace
+from .trace import LapTracer as LapTracer
+from .trace import lap_flat as lap_flat
+from .trace import lap_partial_flat as lap_partial_flat
+from .zeros import Zero as Zero
+from .zeros import zero_tangent_from_primal as zero_tangent_from_primal

@@ -1,0 +1,114 @@
+"""The one module of fwdlap that touches JAX internals.
+
+Everything fwdlap needs from `jax._src`, `jax.interpreters` and `jax.extend` is imported
+here and re-exported under a stable local name, so that a JAX upgrade is a one-file fix.
+The supported range is declared in `pyproject.toml`; both ends are tested in CI.
+"""
+
+import inspect
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import jax.extend.linear_util as lu
+from jax import core as jax_core
+from jax._src import core as src_core
+from jax._src import sharding_impls as _sharding_impls
+from jax._src.interpreters import partial_eval as src_pe
+from jax.api_util import debug_info as make_debug_info
+from jax.custom_derivatives import SymbolicZero
+from jax.interpreters import ad
+from jax.interpreters import partial_eval as pe
+
+JAX_VERSION: tuple[int, ...] = tuple(
+    int(p) for p in jax.__version__.split(".")[:3] if p.isdigit()
+)
+
+# Trace / Tracer base classes.
+Trace = jax_core.Trace
+Tracer = jax_core.Tracer
+ShapedArray = jax_core.ShapedArray
+eval_jaxpr = jax_core.eval_jaxpr
+
+# Trace context. `jax.extend.core` holds these from 0.10 on; 0.9 keeps them in `_src`.
+TraceTag = getattr(jex_core, "TraceTag", None) or src_core.TraceTag
+take_current_trace = (
+    getattr(jex_core, "take_current_trace", None) or src_core.take_current_trace
+)
+set_current_trace = (
+    getattr(jex_core, "set_current_trace", None) or src_core.set_current_trace
+)
+to_concrete_value = src_core.to_concrete_value
+
+ClosedJaxpr = jex_core.ClosedJaxpr
+Jaxpr = jex_core.Jaxpr
+jaxpr_as_fun = jex_core.jaxpr_as_fun
+Primitive = jex_core.Primitive
+primitives = jex_core.primitives
+
+# Symbolic zeros and JAX's own JVP machinery.
+Zero = ad.Zero
+instantiate_zeros = ad.instantiate_zeros
+primitive_jvps = ad.primitive_jvps
+JVPTrace = ad.JVPTrace
+JVPTracer = ad.JVPTracer
+
+# Jaxpr tracing.
+PartialVal = pe.PartialVal
+trace_to_jaxpr_nounits = pe.trace_to_jaxpr_nounits
+trace_to_jaxpr_dynamic = pe.trace_to_jaxpr_dynamic
+convert_constvars_jaxpr = src_pe.convert_constvars_jaxpr
+wrap_init = lu.wrap_init
+UNSPECIFIED_SHARDING = _sharding_impls.UNSPECIFIED
+
+# Higher-order primitives with dedicated rules.
+jit_p = primitives.jit_p
+scan_p = primitives.scan_p
+while_p = primitives.while_p
+cond_p = primitives.cond_p
+remat_p = primitives.remat_p
+custom_jvp_call_p = primitives.custom_jvp_call_p
+custom_vjp_call_p = primitives.custom_vjp_call_p
+
+__all__ = [
+    "SymbolicZero",
+    "make_debug_info",
+]
+
+TRACER_INIT_TAKES_AVAL = "aval" in inspect.signature(Tracer.__init__).parameters
+
+
+def init_tracer(tracer: Any, trace: Any, aval: Any) -> None:
+    """Call `Tracer.__init__`, whose signature gained `aval` in JAX 0.10."""
+    if TRACER_INIT_TAKES_AVAL:
+        Tracer.__init__(tracer, trace, aval)
+    else:
+        Tracer.__init__(tracer, trace)
+
+
+def bind_with_trace(primitive: Any, trace: Any, args: Any, params: dict) -> Any:
+    """Bind `primitive` on `trace` (JAX >= 0.9 passes the avals explicitly)."""
+    args = tuple(args)
+    avals = tuple(jax.typeof(x) for x in args)
+    return primitive.bind_with_trace(trace, args, avals, params)
+
+
+def closed_call_primitives() -> tuple[Any, ...]:
+    """`CallPrimitive`s whose bodies fwdlap simply inlines."""
+    return (primitives.closed_call_p, src_core.call_p)
+
+
+def replace_jaxpr_binders(
+    closed: Any, invars: list[Any], outvars: list[Any]
+) -> Any:
+    """A `ClosedJaxpr` with its input and output binders reordered."""
+    jaxpr = closed.jaxpr.replace(invars=invars, outvars=outvars)
+    return ClosedJaxpr(jaxpr, closed.consts)
+
+
+def close_jaxpr(jaxpr: Any) -> Any:
+    """Close an open jaxpr that has no constvars."""
+    return ClosedJaxpr(jaxpr, ())
+
+# `add_any` is what JAX's own AD emits to sum tangents; it is linear.
+from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402

@@ -1,0 +1,5 @@
+"""Forward-Laplacian rules, one module per family; importing registers them."""
+
+from . import bilinear, control_flow, custom, elementwise, generic, linear
+
+__all__ = ["bilinear", "control_flow", "custom", "elementwise", "generic", "linear"]

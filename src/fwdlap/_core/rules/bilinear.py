@@ -1,0 +1,92 @@
+"""Bilinear rules (mul, dot_general, conv_general_dilated).
+
+For a bilinear f(a, b) the Hessian only couples a with b, so the second-order term is
+2 * sum_k f(J_a[k], J_b[k]); each side's first-order term is f applied to one tangent.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import registry
+from ..zeros import Zero, add, is_zero, num_directions, zero_jacobian
+
+
+def _apply_to_directions(primitive: Any, ja: Any, jb: Any, a: Any, b: Any, params: dict[str, Any]) -> Any:
+    """f(J_a[k], b) + f(a, J_b[k]) for every direction k."""
+    out = None
+    if not is_zero(ja):
+        out = jax.vmap(lambda j: primitive.bind(j, b, **params))(ja)
+    if not is_zero(jb):
+        term = jax.vmap(lambda j: primitive.bind(a, j, **params))(jb)
+        out = term if out is None else out + term
+    return out
+
+
+def _first_order(primitive: Any, ta: Any, tb: Any, a: Any, b: Any, params: dict[str, Any], zero: Any) -> Any:
+    out = zero
+    if not is_zero(ta):
+        out = add(out, primitive.bind(ta, b, **params))
+    if not is_zero(tb):
+        out = add(out, primitive.bind(a, tb, **params))
+    return out
+
+
+def mul_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
+    out = lax.mul_p.bind(a, b, **params)
+    zero = Zero(jax.typeof(out).to_tangent_aval())
+    jac_out = zero_jacobian(out, num_directions(jacobians))
+    if not is_zero(ja):
+        jac_out = ja * b
+    if not is_zero(jb):
+        jac_out = a * jb if is_zero(ja) else jac_out + a * jb
+    lap_out = _first_order(lax.mul_p, la, lb, a, b, params, zero)
+    if not is_zero(ja) and not is_zero(jb):
+        lap_out = add(lap_out, 2 * jnp.einsum("k...,k...->...", ja, jb))
+    return out, jac_out, lap_out
+
+
+def _shifted_dims(dimension_numbers: Any) -> Any:
+    """dot_general dimension numbers that also contract the leading direction axes."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    shift = lambda dims: tuple(d + 1 for d in dims)
+    return ((0, *shift(lc)), (0, *shift(rc))), (shift(lb), shift(rb))
+
+
+def dot_general_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
+    prim = lax.dot_general_p
+    out = prim.bind(a, b, **params)
+    zero = Zero(jax.typeof(out).to_tangent_aval())
+    jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
+    if jac_out is None:
+        jac_out = zero_jacobian(out, num_directions(jacobians))
+    lap_out = _first_order(prim, la, lb, a, b, params, zero)
+    if not is_zero(ja) and not is_zero(jb):
+        cross = prim.bind(ja, jb, **dict(params, dimension_numbers=_shifted_dims(params["dimension_numbers"])))
+        lap_out = add(lap_out, 2 * cross)
+    return out, jac_out, lap_out
+
+
+def conv_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
+    prim = lax.conv_general_dilated_p
+    out = prim.bind(a, b, **params)
+    zero = Zero(jax.typeof(out).to_tangent_aval())
+    jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
+    if jac_out is None:
+        jac_out = zero_jacobian(out, num_directions(jacobians))
+    lap_out = _first_order(prim, la, lb, a, b, params, zero)
+    if not is_zero(ja) and not is_zero(jb):
+        cross = jax.vmap(lambda x, y: prim.bind(x, y, **params))(ja, jb).sum(0)
+        lap_out = add(lap_out, 2 * cross)
+    return out, jac_out, lap_out
+
+
+registry.register(lax.mul_p, mul_rule)
+registry.register(lax.dot_general_p, dot_general_rule)
+registry.register(lax.conv_general_dilated_p, conv_rule)

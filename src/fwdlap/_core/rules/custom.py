@@ -1,0 +1,69 @@
+"""custom_jvp: differentiate the user's JVP rule once more.
+
+The rule gives f'(x)[t]. The Laplacian needs f''(x)[v, v] = d/ds f'(x + s v)[v], which
+is the JVP of the rule with respect to its primal inputs. The rule is traced to a jaxpr
+once (a `WrappedFun` may only be called once) and then reused for every direction.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from .. import _jax
+from ..zeros import Zero, instantiate, is_zero
+from .generic import laplacian_from_jvp
+
+
+def custom_jvp_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    jvp: Any,
+    symbolic_zeros: bool,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Forward-Laplacian outputs of a `custom_jvp` function from its JVP rule."""
+    nonzero = [not (is_zero(j) and is_zero(lp)) for j, lp in zip(jacobians, laplacians)]
+    nonzero = [nz and _is_float(p) for nz, p in zip(nonzero, primals)]
+    num_in = len(primals)
+    tangent_avals = [jax.typeof(p).to_tangent_aval() for p in primals]
+
+    def rule_fn(*args: Any) -> list[Any]:
+        ps = list(args[:num_in])
+        rest = iter(args[num_in:])
+        ts: list[Any] = []
+        for nz, aval in zip(nonzero, tangent_avals):
+            if nz:
+                ts.append(next(rest))
+            elif symbolic_zeros:
+                ts.append(_jax.SymbolicZero(aval))
+            else:
+                ts.append(instantiate(Zero(aval)))
+        outs = jvp.call_wrapped(*ps, *ts)
+        primals_out, tangents_out = outs[: len(outs) // 2], outs[len(outs) // 2 :]
+        tangents_out = [
+            instantiate(Zero(t.aval)) if isinstance(t, _jax.SymbolicZero) else t
+            for t in tangents_out
+        ]
+        return [*primals_out, *tangents_out]
+
+    in_avals = [jax.typeof(p) for p in primals]
+    in_avals += [aval for nz, aval in zip(nonzero, tangent_avals) if nz]
+    dbg = _jax.make_debug_info("custom_jvp rule", rule_fn, tuple(in_avals), {})
+    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
+        _jax.wrap_init(rule_fn, debug_info=dbg.with_unknown_names()), in_avals
+    )
+    closed = _jax.ClosedJaxpr(jaxpr, consts)
+    rule_as_fun = _jax.jaxpr_as_fun(closed)
+
+    def jvp_fn(ps: Sequence[Any], ts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        nz_ts = [instantiate(t) for t, nz in zip(ts, nonzero) if nz]
+        outs = rule_as_fun(*ps, *nz_ts)
+        half = len(outs) // 2
+        return list(outs[:half]), list(outs[half:])
+
+    return laplacian_from_jvp(jvp_fn, primals, jacobians, laplacians)
+
+
+def _is_float(x: Any) -> bool:
+    return jax.numpy.issubdtype(jax.typeof(x).dtype, jax.numpy.inexact)

@@ -1,0 +1,216 @@
+"""Elementwise rules: f'(x) J for the jacobian and f''(x) * sum_k J_k^2 for the Laplacian.
+
+Each unary primitive supplies its first and second derivative as functions of the input
+`x` and the output `y` (reusing `y` saves recomputing, e.g., `exp` or `tanh`).
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import registry
+from ..zeros import Zero, add, is_zero, num_directions, zero_jacobian
+from .generic import make_generic
+
+Derivs = Callable[[Any, Any, dict[str, Any]], tuple[Any, Any]]
+
+
+def sum_squares(jac: Any) -> Any:
+    """sum_k J_k * J_k over the leading direction axis."""
+    return jnp.einsum("k...,k...->...", jac, jac) if jac.ndim > 1 else jnp.vdot(jac, jac)
+
+
+def unary_rule(primitive: Any, derivs: Derivs, real_only: bool = False):
+    generic = make_generic(primitive)
+
+    def rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+        (x,), (jac,), (lap,) = primals, jacobians, laplacians
+        if real_only and jnp.iscomplexobj(x):
+            return generic(primals, jacobians, laplacians, **params)
+        y = primitive.bind(x, **params)
+        d1, d2 = derivs(x, y, params)
+        if is_zero(jac):
+            jac_out = zero_jacobian(y, jac.aval.shape[0])
+            second = Zero(jax.typeof(y).to_tangent_aval())
+        else:
+            jac_out = d1 * jac
+            second = d2 * sum_squares(jac)
+        first = Zero(jax.typeof(y).to_tangent_aval()) if is_zero(lap) else d1 * lap
+        return y, jac_out, add(second, first)
+
+    return rule
+
+
+def _integer_pow(x: Any, y: Any, params: dict[str, Any]) -> tuple[Any, Any]:
+    k = params["y"]
+    if k == 0:
+        zero = jnp.zeros_like(x)
+        return zero, zero
+    d1 = k * (jnp.ones_like(x) if k == 1 else lax.integer_pow(x, k - 1))
+    if k == 1:
+        d2 = jnp.zeros_like(x)
+    elif k == 2:
+        d2 = jnp.full_like(x, 2)
+    else:
+        d2 = k * (k - 1) * lax.integer_pow(x, k - 2)
+    return d1, d2
+
+
+_LN2 = math.log(2.0)
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_SQRT_PI_OVER_TWO = math.sqrt(math.pi) / 2.0
+
+
+def _tanh(x, y, p):
+    d1 = 1 - y * y
+    return d1, -2 * y * d1
+
+
+def _logistic(x, y, p):
+    d1 = y * (1 - y)
+    return d1, d1 * (1 - 2 * y)
+
+
+def _sqrt(x, y, p):
+    d1 = 0.5 / y
+    return d1, -0.5 * d1 / x
+
+
+def _rsqrt(x, y, p):
+    y3 = y * y * y
+    return -0.5 * y3, 0.75 * y3 * y * y
+
+
+def _cbrt(x, y, p):
+    inv_y2 = 1 / (y * y)
+    return inv_y2 / 3, -2 * inv_y2 * inv_y2 / (9 * y)
+
+
+def _tan(x, y, p):
+    d1 = 1 + y * y
+    return d1, 2 * y * d1
+
+
+def _atan(x, y, p):
+    d1 = 1 / (1 + x * x)
+    return d1, -2 * x * d1 * d1
+
+
+def _asinh(x, y, p):
+    d1 = lax.rsqrt(1 + x * x)
+    return d1, -x * d1 * d1 * d1
+
+
+def _asin(x, y, p):
+    d1 = lax.rsqrt(1 - x * x)
+    return d1, x * d1 * d1 * d1
+
+
+def _acos(x, y, p):
+    d1, d2 = _asin(x, y, p)
+    return -d1, -d2
+
+
+def _atanh(x, y, p):
+    d1 = 1 / (1 - x * x)
+    return d1, 2 * x * d1 * d1
+
+
+def _acosh(x, y, p):
+    d1 = lax.rsqrt(x * x - 1)
+    return d1, -x * d1 * d1 * d1
+
+
+def _erf(x, y, p):
+    d1 = _TWO_OVER_SQRT_PI * jnp.exp(-x * x)
+    return d1, -2 * x * d1
+
+
+def _erfc(x, y, p):
+    d1, d2 = _erf(x, y, p)
+    return -d1, -d2
+
+
+def _erf_inv(x, y, p):
+    d1 = _SQRT_PI_OVER_TWO * jnp.exp(y * y)
+    return d1, 2 * y * d1 * d1
+
+
+def _lgamma(x, y, p):
+    return jax.scipy.special.digamma(x), jax.scipy.special.polygamma(1, x)
+
+
+def _digamma(x, y, p):
+    return jax.scipy.special.polygamma(1, x), jax.scipy.special.polygamma(2, x)
+
+
+_DERIVS: dict[str, tuple[Derivs, bool]] = {
+    "exp": (lambda x, y, p: (y, y), False),
+    "exp2": (lambda x, y, p: (_LN2 * y, _LN2 * _LN2 * y), False),
+    "log": (lambda x, y, p: (1 / x, -1 / (x * x)), False),
+    "log1p": (lambda x, y, p: (1 / (1 + x), -1 / ((1 + x) * (1 + x))), False),
+    "expm1": (lambda x, y, p: (y + 1, y + 1), False),
+    "sin": (lambda x, y, p: (jnp.cos(x), -y), False),
+    "cos": (lambda x, y, p: (-jnp.sin(x), -y), False),
+    "tan": (_tan, False),
+    "sinh": (lambda x, y, p: (jnp.cosh(x), y), False),
+    "cosh": (lambda x, y, p: (jnp.sinh(x), y), False),
+    "tanh": (_tanh, False),
+    "logistic": (_logistic, False),
+    "sqrt": (_sqrt, False),
+    "rsqrt": (_rsqrt, False),
+    "cbrt": (_cbrt, True),
+    "square": (lambda x, y, p: (2 * x, jnp.full_like(x, 2)), False),
+    "integer_pow": (_integer_pow, False),
+    "abs": (lambda x, y, p: (jnp.sign(x), jnp.zeros_like(x)), True),
+    "atan": (_atan, False),
+    "asin": (_asin, False),
+    "acos": (_acos, False),
+    "asinh": (_asinh, False),
+    "acosh": (_acosh, False),
+    "atanh": (_atanh, False),
+    "erf": (_erf, True),
+    "erfc": (_erfc, True),
+    "erf_inv": (_erf_inv, True),
+    "lgamma": (_lgamma, True),
+    "digamma": (_digamma, True),
+}
+
+
+def div_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    """x / y, using d2/dxdy = -1/y^2 and d2/dy2 = 2x/y^3."""
+    (x, y), (jx, jy), (lx, ly) = primals, jacobians, laplacians
+    out = lax.div(x, y)
+    if jnp.issubdtype(out.dtype, jnp.integer):
+        n = num_directions(jacobians)
+        return out, zero_jacobian(out, n), Zero(jax.typeof(out).to_tangent_aval())
+    inv_y = 1 / y
+    zero = Zero(jax.typeof(out).to_tangent_aval())
+    # First order: (J_x - out * J_y) / y, with broadcasting over the direction axis.
+    num_jac = add(jx, zero if is_zero(jy) else -out * jy)
+    jac_out = zero_jacobian(out, num_directions(jacobians)) if is_zero(num_jac) else num_jac * inv_y
+    num_lap = add(lx, zero if is_zero(ly) else -out * ly)
+    first = zero if is_zero(num_lap) else num_lap * inv_y
+    second = zero
+    if not is_zero(jy):
+        # sum_k (2 out J_y^2 - 2 J_x J_y) / y^2
+        cross = out * sum_squares(jy)
+        if not is_zero(jx):
+            cross = cross - jnp.einsum("k...,k...->...", jx, jy)
+        second = 2 * cross * inv_y * inv_y
+    return out, jac_out, add(first, second)
+
+
+def _register() -> None:
+    for name, (derivs, real_only) in _DERIVS.items():
+        prim = getattr(lax, f"{name}_p", None)
+        if prim is not None:
+            registry.register(prim, unary_rule(prim, derivs, real_only))
+    registry.register(lax.div_p, div_rule)
+
+
+_register()

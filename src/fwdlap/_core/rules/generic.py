@@ -1,0 +1,139 @@
+"""The generic rule: jvp twice, vmapped over the directions and summed.
+
+It works for every primitive with a JVP rule. For a function f with inputs x_i,
+jacobians J_i and laplacians L_i it computes, per direction k,
+
+    first_k  = f'(x)[J_k]            (the output jacobian)
+    second_k = f''(x)[J_k, J_k]      (jvp of the jvp along the same direction)
+
+and returns `sum_k second_k + f'(x)[L]`. Symbolic zeros are passed through to JAX's
+JVP rules, so inputs without tangents cost nothing.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from .. import _jax
+from ..zeros import Zero, add, instantiate, is_zero
+
+# jvp_fn(primals, tangents) -> (primals_out, tangents_out), both lists; tangents may be
+# `Zero` on the way in and out.
+JvpFn = Callable[[Sequence[Any], Sequence[Any]], tuple[list[Any], list[Any]]]
+
+
+def jvp_keep_zeros(
+    fun: Callable[..., Sequence[Any]], primals: Sequence[Any], tangents: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    """`jax.jvp` of a flat function that accepts and returns symbolic zeros."""
+    with _jax.take_current_trace() as parent:
+        trace = _jax.JVPTrace(parent, _jax.TraceTag())
+        ins = [
+            p if is_zero(t) else _jax.JVPTracer(trace, p, t)
+            for p, t in zip(primals, tangents, strict=True)
+        ]
+        with _jax.set_current_trace(trace):
+            outs = fun(*ins)
+        pairs = [trace.to_primal_tangent_pair(o) for o in outs]
+        del trace, ins
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def primitive_jvp_fn(primitive: Any, params: dict[str, Any]) -> JvpFn:
+    """The JVP of a primitive as a `JvpFn` (lists in, lists out)."""
+    jvp = _jax.primitive_jvps.get(primitive)
+    if jvp is None:
+        raise NotImplementedError(
+            f"fwdlap has no forward-Laplacian rule for the primitive "
+            f"'{primitive}', and JAX defines no JVP rule for it either. Register one "
+            "with fwdlap.register_rule, or keep this operation outside the function "
+            "passed to fwdlap."
+        )
+
+    def jvp_fn(primals: Sequence[Any], tangents: Sequence[Any]):
+        out, tangent_out = jvp(list(primals), list(tangents), **params)
+        if primitive.multiple_results:
+            return list(out), list(tangent_out)
+        return [out], [tangent_out]
+
+    return jvp_fn
+
+
+def laplacian_from_jvp(
+    jvp_fn: JvpFn,
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Forward-Laplacian outputs of a function given only its (first-order) JVP."""
+    jac_nz = [i for i, j in enumerate(jacobians) if not is_zero(j)]
+    lap_nz = [i for i, lp in enumerate(laplacians) if not is_zero(lp)]
+    if lap_nz:
+        primals_out, lap_term = jvp_fn(primals, laplacians)
+    else:
+        primals_out, lap_term = jvp_fn(primals, [_zero_like_tangent(p) for p in primals])
+    if not jac_nz:
+        zero_jacs = [_zero_jac_like(p, jacobians) for p in primals_out]
+        return primals_out, zero_jacs, lap_term
+
+    flags: dict[str, list[bool]] = {}
+
+    def one_direction(*v_nz: Any) -> tuple[list[Any], list[Any]]:
+        vs: list[Any] = [_zero_like_tangent(p) for p in primals]
+        for i, v in zip(jac_nz, v_nz):
+            vs[i] = v
+
+        def first_order(*x_nz: Any) -> list[Any]:
+            xs = list(primals)
+            for i, x in zip(jac_nz, x_nz):
+                xs[i] = x
+            _, tangents = jvp_fn(xs, vs)
+            flags["first_zero"] = [is_zero(t) for t in tangents]
+            return [instantiate(t) for t in tangents]
+
+        firsts, seconds = jvp_keep_zeros(first_order, [primals[i] for i in jac_nz], v_nz)
+        flags["second_zero"] = [is_zero(s) for s in seconds]
+        return firsts, [instantiate(s) for s in seconds]
+
+    firsts, seconds = jax.vmap(one_direction)(*[jacobians[i] for i in jac_nz])
+    jac_out, lap_out = [], []
+    for p, f, s, lt, f0, s0 in zip(
+        primals_out, firsts, seconds, lap_term, flags["first_zero"], flags["second_zero"]
+    ):
+        jac_out.append(_zero_jac_like(p, jacobians) if f0 else f)
+        second = Zero(jax.typeof(p).to_tangent_aval()) if s0 else s.sum(0)
+        lap_out.append(add(second, lt))
+    return primals_out, jac_out, lap_out
+
+
+def _zero_like_tangent(primal: Any) -> Any:
+    return Zero(jax.typeof(primal).to_tangent_aval())
+
+
+def _zero_jac_like(primal: Any, jacobians: Sequence[Any]) -> Any:
+    from ..zeros import num_directions, zero_jacobian
+
+    return zero_jacobian(primal, num_directions(jacobians))
+
+
+def generic_rule(
+    primitive: Any,
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    **params: Any,
+) -> tuple[Any, Any, Any]:
+    """Forward-Laplacian rule for any primitive with a JVP rule."""
+    outs, jacs, laps = laplacian_from_jvp(
+        primitive_jvp_fn(primitive, params), primals, jacobians, laplacians
+    )
+    if primitive.multiple_results:
+        return outs, jacs, laps
+    return outs[0], jacs[0], laps[0]
+
+
+def make_generic(primitive: Any) -> Callable[..., Any]:
+    """The generic rule bound to one primitive."""
+    return functools.partial(generic_rule, primitive)

@@ -1,0 +1,71 @@
+"""Symbolic-zero helpers shared by the trace and the rules."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _jax
+
+Zero = _jax.Zero
+
+
+def is_zero(x: Any) -> bool:
+    """Whether `x` is a symbolic zero (or a float0 array, which also means zero)."""
+    if type(x) is Zero:
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and dtype == jax.dtypes.float0
+
+
+def tangent_aval(primal: Any) -> Any:
+    """The tangent aval of a primal value."""
+    return jax.typeof(primal).to_tangent_aval()
+
+
+def zero_laplacian(primal: Any) -> Any:
+    """A symbolic zero shaped like `primal`'s tangent."""
+    return Zero(tangent_aval(primal))
+
+
+def zero_jacobian(primal: Any, n: int) -> Any:
+    """A symbolic zero jacobian with leading direction axis `n`."""
+    aval = tangent_aval(primal)
+    return Zero(aval.update(shape=(n, *aval.shape)))
+
+
+def zero_tangent_from_primal(primal: Any, jsize: int | None = None) -> Any:
+    """A symbolic zero tangent for `primal`.
+
+    With `jsize=None` this is a zero laplacian (the primal's shape); with an integer
+    `jsize` it is a zero jacobian with a leading axis of `jsize` directions.
+    """
+    return zero_laplacian(primal) if jsize is None else zero_jacobian(primal, jsize)
+
+
+def instantiate(x: Any) -> Any:
+    """Turn a symbolic zero into a dense array of zeros (under the current trace)."""
+    if type(x) is Zero:
+        aval = x.aval
+        if aval.dtype == jax.dtypes.float0:
+            return np.zeros(aval.shape, jax.dtypes.float0)
+        return jnp.zeros(aval.shape, aval.dtype)
+    return x
+
+
+def num_directions(jacobians: Any) -> int:
+    """The shared number of directions n from a list of jacobians (arrays or zeros)."""
+    for j in jacobians:
+        shape = j.aval.shape if type(j) is Zero else jnp.shape(j)
+        return shape[0]
+    raise ValueError("fwdlap: cannot infer the number of directions from no inputs.")
+
+
+def add(x: Any, y: Any) -> Any:
+    """Add two tangents, either of which may be a symbolic zero."""
+    if type(x) is Zero:
+        return y
+    if type(y) is Zero:
+        return x
+    return x + y
