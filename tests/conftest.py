@@ -1,0 +1,19 @@
+"""Test configuration: runs before JAX is imported by any test module."""
+
+import os
+
+# Four simulated CPU devices for the sharding tests, and the scheduler flag that avoids a
+# jaxlib CPU-backend hang on small machines (see DESIGN.md). Both must be set before JAX
+# initialises its backend.
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in (
+    "--xla_force_host_platform_device_count=4",
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+):
+    if _flag.split("=")[0] not in _flags:
+        _flags = f"{_flags} {_flag}".strip()
+os.environ["XLA_FLAGS"] = _flags
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)

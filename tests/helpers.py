@@ -1,0 +1,49 @@
+"""Independent references for the tests: nothing here calls fwdlap."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def identity_jacobian(x: jax.Array) -> jax.Array:
+    """Unit directions for every coordinate of `x`, shaped `(x.size, *x.shape)`."""
+    return jnp.eye(x.size, dtype=x.dtype).reshape(x.size, *x.shape)
+
+
+def reference_laplacian(f: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+    """Trace of `jax.jacfwd(jax.jacfwd(f))`, per output element (works for while)."""
+    hess = jax.jacfwd(jax.jacfwd(f))(x)
+
+    def trace_leaf(h: jax.Array) -> jax.Array:
+        out_shape = h.shape[: h.ndim - 2 * x.ndim]
+        h = h.reshape(*out_shape, x.size, x.size)
+        return jnp.trace(h, axis1=-2, axis2=-1)
+
+    return jax.tree_util.tree_map(trace_leaf, hess)
+
+
+def reference_jacobian(f: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+    """`jax.jacfwd(f)`, rearranged to fwdlap's layout: directions first."""
+    jac = jax.jacfwd(f)(x)
+
+    def to_directions_first(j: jax.Array) -> jax.Array:
+        out_shape = j.shape[: j.ndim - x.ndim]
+        j = j.reshape(*out_shape, x.size)
+        return jnp.moveaxis(j, -1, 0)
+
+    return jax.tree_util.tree_map(to_directions_first, jac)
+
+
+def tree_allclose(a: Any, b: Any, rtol: float = 1e-7, atol: float = 1e-8) -> bool:
+    """Whether two pytrees have the same structure and allclose leaves."""
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    if tree_a != tree_b:
+        return False
+    return all(
+        np.shape(x) == np.shape(y) and np.allclose(x, y, rtol=rtol, atol=atol)
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
