@@ -12,7 +12,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import registry
-from ..zeros import Zero, add, is_zero, num_directions, zero_jacobian
+from ..zeros import (
+    Zero,
+    add,
+    broadcast_operands,
+    is_zero,
+    num_directions,
+    zero_jacobian,
+)
 
 
 def _apply_to_directions(primitive: Any, ja: Any, jb: Any, a: Any, b: Any, params: dict[str, Any]) -> Any:
@@ -36,6 +43,8 @@ def _first_order(primitive: Any, ta: Any, tb: Any, a: Any, b: Any, params: dict[
 
 
 def mul_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    # A rank-0 operand broadcasts in the primitive but not in the jacobian algebra.
+    primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     out = lax.mul_p.bind(a, b, **params)
     zero = Zero(jax.typeof(out).to_tangent_aval())
@@ -46,7 +55,7 @@ def mul_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Seque
         jac_out = a * jb if is_zero(ja) else jac_out + a * jb
     lap_out = _first_order(lax.mul_p, la, lb, a, b, params, zero)
     if not is_zero(ja) and not is_zero(jb):
-        lap_out = add(lap_out, 2 * jnp.einsum("k...,k...->...", ja, jb))
+        lap_out = add(lap_out, 2 * jnp.sum(ja * jb, axis=0))
     return out, jac_out, lap_out
 
 

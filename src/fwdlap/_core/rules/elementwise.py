@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import registry
-from ..zeros import Zero, add, is_zero, num_directions, zero_jacobian
+from ..zeros import (
+    Zero,
+    add,
+    broadcast_operands,
+    is_zero,
+    num_directions,
+    zero_jacobian,
+)
 from .generic import make_generic
 
 Derivs = Callable[[Any, Any, dict[str, Any]], tuple[Any, Any]]
@@ -21,7 +28,9 @@ Derivs = Callable[[Any, Any, dict[str, Any]], tuple[Any, Any]]
 
 def sum_squares(jac: Any) -> Any:
     """sum_k J_k * J_k over the leading direction axis."""
-    return jnp.einsum("k...,k...->...", jac, jac) if jac.ndim > 1 else jnp.vdot(jac, jac)
+    # An elementwise product and a reduction fuse in XLA; an einsum would lower to a
+    # dot_general whose batch dimensions are every output element.
+    return jnp.sum(jac * jac, axis=0)
 
 
 def unary_rule(primitive: Any, derivs: Derivs, real_only: bool = False):
@@ -183,6 +192,8 @@ _DERIVS: dict[str, tuple[Derivs, bool]] = {
 
 def div_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
     """x / y, using d2/dxdy = -1/y^2 and d2/dy2 = 2x/y^3."""
+    # A rank-0 operand broadcasts in the primitive but not in the jacobian algebra.
+    primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
     (x, y), (jx, jy), (lx, ly) = primals, jacobians, laplacians
     out = lax.div(x, y)
     if jnp.issubdtype(out.dtype, jnp.integer):
@@ -200,7 +211,7 @@ def div_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Seque
         # sum_k (2 out J_y^2 - 2 J_x J_y) / y^2
         cross = out * sum_squares(jy)
         if not is_zero(jx):
-            cross = cross - jnp.einsum("k...,k...->...", jx, jy)
+            cross = cross - jnp.sum(jx * jy, axis=0)
         second = 2 * cross * inv_y * inv_y
     return out, jac_out, add(first, second)
 
