@@ -19,6 +19,7 @@ the parent can tell which method was in flight if the process hangs.
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -27,6 +28,9 @@ from benchmarks import methods, models
 
 EVENT_PREFIX = "BENCH "
 """Prefix of the event lines the worker prints and the runner parses."""
+
+SIMULATE_HANG_ENV = "BENCHMARKS_SIMULATE_HANG"
+"""Names a method whose compile step sleeps forever (tests the hang handling)."""
 
 
 def emit(event: str, **fields) -> None:
@@ -90,6 +94,8 @@ def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
     import jax
 
     emit("status", method=name, phase="compile")
+    if os.environ.get(SIMULATE_HANG_ENV) == name:
+        time.sleep(10**6)
     try:
         lap_fn = methods.make_laplacian(name, model.fn)
     except methods.Unavailable as err:

@@ -81,7 +81,9 @@ def _import_fwdlap():
     try:
         import fwdlap
     except Exception as err:  # a half-written library can fail in many ways
-        raise Unavailable(f"fwdlap not importable: {type(err).__name__}: {err}") from err
+        raise Unavailable(
+            f"fwdlap not importable: {type(err).__name__}: {err}"
+        ) from err
     if not hasattr(fwdlap, "lap"):
         raise Unavailable("fwdlap has no `lap`")
     return fwdlap

@@ -86,12 +86,14 @@ def nuclear_offsets(r: jax.Array, nuclei: jax.Array) -> tuple[jax.Array, jax.Arr
     return diff, safe_norm(diff)
 
 
-def sample_electrons(nuclei: jax.Array, n: int) -> Callable[[jax.Array, int], jax.Array]:
+def sample_electrons(
+    nuclei: jax.Array, n: int
+) -> Callable[[jax.Array, int], jax.Array]:
     """Returns a sampler placing electrons in unit Gaussians around the nuclei."""
 
     def sample(key: jax.Array, batch: int) -> jax.Array:
         k_atom, k_off = jax.random.split(key)
-        atom = jax.random.randint(k_atom, (batch, n), 0, nuclei.shape[0])
+        atom = jax.random.randint(k_atom, (batch, n), 0, nuclei.shape[0], jnp.int32)
         off = jax.random.normal(k_off, (batch, n, 3), jnp.float32)
         return (nuclei[atom] + off).reshape(batch, n * 3)
 
@@ -304,7 +306,9 @@ def build_psiformer(
     params = cast_tree(
         {
             "embed": dense_init(k_emb, 4 * n_atom + 1, width),
-            "blocks": [init_attention(k, width) for k in jax.random.split(k_blocks, blocks)],
+            "blocks": [
+                init_attention(k, width) for k in jax.random.split(k_blocks, blocks)
+            ],
             "up": init_orbitals(k_up, width, n_up, n_atom, n_det),
             "down": init_orbitals(k_down, width, n_down, n_atom, n_det),
         },

@@ -1,5 +1,6 @@
 """Independent references for the tests: nothing here calls fwdlap."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,3 +48,24 @@ def tree_allclose(a: Any, b: Any, rtol: float = 1e-7, atol: float = 1e-8) -> boo
         np.shape(x) == np.shape(y) and np.allclose(x, y, rtol=rtol, atol=atol)
         for x, y in zip(leaves_a, leaves_b, strict=True)
     )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def reference_triple(f: Callable[[jax.Array], Any], x: jax.Array) -> tuple[Any, Any, Any]:
+    """`(f(x), reference_jacobian(f, x), reference_laplacian(f, x))`, compiled once."""
+    return f(x), reference_jacobian(f, x), reference_laplacian(f, x)
+
+
+def hessian_trace_weighted(
+    f: Callable[[jax.Array], Any], x: jax.Array, v: jax.Array
+) -> Any:
+    """`sum_k v_k^T H v_k` per output element, from `jax.hessian` (v: (k, *x.shape))."""
+    hess = jax.hessian(f)(x)
+    v = v.reshape(v.shape[0], x.size)
+
+    def contract(h: jax.Array) -> jax.Array:
+        out_shape = h.shape[: h.ndim - 2 * x.ndim]
+        h = h.reshape(*out_shape, x.size, x.size)
+        return jnp.einsum("ki,...ij,kj->...", v, h, v)
+
+    return jax.tree_util.tree_map(contract, hess)

@@ -5,6 +5,7 @@ here and re-exported under a stable local name, so that a JAX upgrade is a one-f
 The supported range is declared in `pyproject.toml`; both ends are tested in CI.
 """
 
+import functools
 import inspect
 from typing import Any
 
@@ -112,3 +113,63 @@ def close_jaxpr(jaxpr: Any) -> Any:
 
 # `add_any` is what JAX's own AD emits to sum tangents; it is linear.
 from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402
+
+
+# --- custom_jvp functions with dedicated rules (fwdlap.register_rule) ---------------
+# `jnp.linalg.slogdet` and `jnp.linalg.det` are jitted wrappers around these private
+# `jax.custom_jvp` objects; fwdlap ships rules for them (rules/linalg.py). `_slogdet_small`
+# (JAX >= 0.10, 1x1 and 2x2 closed forms) is left to the generic path: it is already cheap.
+from jax._src import api_util as _api_util  # noqa: E402
+from jax._src.numpy import linalg as _np_linalg  # noqa: E402
+
+fun_sourceinfo = _api_util.fun_sourceinfo
+slogdet_custom_jvps: tuple[Any, ...] = tuple(
+    f
+    for f in (getattr(_np_linalg, n, None) for n in ("_slogdet_lu", "_slogdet_qr"))
+    if f is not None
+)
+det_custom_jvp: Any = getattr(_np_linalg, "_det", None)
+
+# The only transformations allowed between a custom_jvp function and the `fun` that
+# reaches `process_custom_jvp_call` for a dedicated rule to apply: output flattening.
+# Any other (batch_subtrace, jvp_subtrace, ...) means an outer trace changed what `fun`
+# computes, and fwdlap falls back to differentiating the JVP rule.
+_FLATTEN_TRANSFORMS = frozenset({"_flatten_fun_nokwargs", "flatten_fun_nokwargs"})
+
+
+def _jaxpr_as_fun_impl() -> Any:
+    # `jaxpr_as_fun` is curried: `jaxpr_as_fun(closed)` is `partial(impl, closed)`.
+    probe = src_core.jaxpr_as_fun(None)
+    return probe.func if isinstance(probe, functools.partial) else None
+
+
+_JAXPR_AS_FUN_IMPL = _jaxpr_as_fun_impl()
+
+
+def custom_jvp_call_target(fun: Any) -> tuple[Any, Any]:
+    """What the `fun` of a `custom_jvp_call` evaluates.
+
+    Returns `(python_function, None)` when `fun` is the custom_jvp function's own Python
+    function, only wrapped to flatten its outputs (a direct call); `(None, closed_jaxpr)`
+    when `fun` evaluates a jaxpr (the call was staged into a jaxpr first, as inside
+    `jax.jit`); `(None, None)` otherwise.
+    """
+    f = getattr(fun, "f", None)
+    names = [getattr(gen, "__name__", "") for gen, _ in getattr(fun, "transforms", ())]
+    if (
+        isinstance(f, functools.partial)
+        and f.func is _JAXPR_AS_FUN_IMPL
+        and not names
+        and len(f.args) == 1
+        and not f.keywords
+    ):
+        return None, f.args[0]
+    if f is not None and names and all(n in _FLATTEN_TRANSFORMS for n in names):
+        return f, None
+    return None, None
+
+
+def custom_jvp_call_src_info(fun: Any) -> str | None:
+    """The "name at file:line" source info that JAX recorded for a custom_jvp call."""
+    dbg = getattr(fun, "debug_info", None)
+    return getattr(dbg, "func_src_info", None)

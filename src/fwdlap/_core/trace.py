@@ -102,7 +102,11 @@ class LapTrace(_jax.Trace):
         from .rules.custom import custom_jvp_rule  # rules import this module
 
         with _jax.set_current_trace(self.parent_trace):
-            outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
+            # A rule registered for this custom_jvp function (fwdlap.register_rule),
+            # else differentiate its JVP rule.
+            outs = registry.apply_custom_jvp_rule(fun, primals, jacs, laps, self.n)
+            if outs is None:
+                outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
 
     def process_custom_vjp_call(

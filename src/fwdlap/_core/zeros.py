@@ -69,3 +69,39 @@ def add(x: Any, y: Any) -> Any:
     if type(y) is Zero:
         return x
     return x + y
+
+
+
+def broadcast_operands(
+    primals: Any, jacobians: Any, laplacians: Any
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Broadcast the operands of an elementwise primitive to its output shape.
+
+    `lax` elementwise primitives broadcast implicitly: a rank-0 operand beside arrays
+    (`mul a:f[3] b:f[]`) and size-1 axes of equal-rank operands (`mul a:f[3,1]
+    b:f[1,3]`). A jacobian carries an extra leading direction axis, so it does not
+    broadcast the way its primal does; rules that combine jacobians by hand call this
+    first. Symbolic zeros stay symbolic.
+    """
+    shapes = [tuple(jnp.shape(p)) for p in primals]
+    shape = tuple(jnp.broadcast_shapes(*shapes))
+    if all(s == shape for s in shapes):
+        return list(primals), list(jacobians), list(laplacians)
+    ps, js, ls = [], [], []
+    for p, j, lp, s in zip(primals, jacobians, laplacians, shapes, strict=True):
+        if s != shape:
+            p = jnp.broadcast_to(p, shape)
+            if type(j) is Zero:
+                j = Zero(j.aval.update(shape=(j.aval.shape[0], *shape)))
+            else:
+                n = j.shape[0]
+                j = jnp.reshape(j, (n, *s) if s else (n,) + (1,) * len(shape))
+                j = jnp.broadcast_to(j, (n, *shape))
+            if type(lp) is Zero:
+                lp = Zero(lp.aval.update(shape=shape))
+            else:
+                lp = jnp.broadcast_to(lp, shape)
+        ps.append(p)
+        js.append(j)
+        ls.append(lp)
+    return ps, js, ls

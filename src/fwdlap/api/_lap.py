@@ -1,9 +1,8 @@
-"""`lap` and `lap_partial` on pytrees (basic version; validation lives in _checks)."""
-
-from collections.abc import Callable, Sequence
-from typing import Any
+"""`lap` and `lap_partial`: the forward Laplacian of functions of pytrees."""
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,122 +10,239 @@ import numpy as np
 from jax.tree_util import Partial
 
 from .._core import lap_flat, lap_partial_flat
-from .._core.zeros import Zero, is_zero
+from .._core.zeros import Zero
+from . import _checks
+from ._checks import Jacobians, Laplacians, OutTree, Primals
+
+_LAP = "fwdlap.lap"
+_LAP_PARTIAL = "fwdlap.lap_partial"
 
 
-def _is_zero_leaf(x: Any) -> bool:
-    return x is None or type(x) is Zero
+def dense_zero(aval: Any, lead: tuple[int, ...] = ()) -> Any:
+    """Dense zeros for the tangent of a value with abstract value `aval`.
 
-
-def _flatten_tangents(tree: Any, treedef: Any) -> list[Any]:
-    leaves = treedef.flatten_up_to(tree)
-    return leaves
-
-
-def _num_directions(jac_leaves: Sequence[Any]) -> int:
-    for j in jac_leaves:
-        if j is None:
-            continue
-        shape = j.aval.shape if type(j) is Zero else jnp.shape(j)
-        if len(shape) > 0:
-            return shape[0]
-    return 0
-
-
-def _densify(primal: Any, tangent: Any, jac_n: int | None) -> Any:
-    if not is_zero(tangent):
-        return tangent
-    aval = jax.typeof(primal)
-    shape = aval.shape if jac_n is None else (jac_n, *aval.shape)
+    Integer and boolean values get float0 zeros, the tangent dtype JAX uses for them.
+    """
     tangent_dtype = aval.to_tangent_aval().dtype
+    shape = (*lead, *aval.shape)
     if tangent_dtype == jax.dtypes.float0:
         return np.zeros(shape, jax.dtypes.float0)
     return jnp.zeros(shape, tangent_dtype)
 
 
+def _densify(aval: Any, tangent: Any, lead: tuple[int, ...]) -> Any:
+    return dense_zero(aval, lead) if isinstance(tangent, Zero) else tangent
+
+
+class _OutTree:
+    """Holds the output structure of `fun`, which is known only once it has run."""
+
+    def __init__(self) -> None:
+        self.treedef: Any = None
+
+
+def _flat_fun(
+    api: str, fun: Callable[..., Any], treedef: Any, store: _OutTree
+) -> Callable[..., list[Any]]:
+    def flat_fun(*leaves: Any) -> list[Any]:
+        out = fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+        out_leaves, store.treedef = _checks.check_outputs(api, out)
+        return out_leaves
+
+    return flat_fun
+
+
+@_checks.validates_own_inputs
 def lap(
     fun: Callable[..., Any],
-    primals: Sequence[Any],
-    jacobians: Sequence[Any],
-    laplacians: Sequence[Any],
-) -> tuple[Any, Any, Any]:
-    """Forward Laplacian of `fun` at `primals` (see `fwdlap.lap`)."""
-    flat_p, in_tree = jax.tree_util.tree_flatten(tuple(primals))
-    flat_j = _flatten_tangents(tuple(jacobians), in_tree)
-    flat_l = _flatten_tangents(tuple(laplacians), in_tree)
-    n = _num_directions(flat_j)
-    out_tree_box: list[Any] = []
+    primals: Primals,
+    jacobians: Jacobians,
+    laplacians: Laplacians,
+) -> tuple[OutTree, OutTree, OutTree]:
+    r"""Evaluate a function with its jacobian and Laplacian in one forward pass.
 
-    def flat_fun(*args: Any) -> list[Any]:
-        out = fun(*jax.tree_util.tree_unflatten(in_tree, args))
-        leaves, out_tree = jax.tree_util.tree_flatten(out)
-        out_tree_box.append(out_tree)
-        return leaves
+    It is to the Laplacian what `jax.jvp` is to the derivative. Where `jax.jvp` pushes
+    one tangent through `fun` and returns $J v$, `lap` pushes a batch of $n$ tangent
+    directions $v_1, \dots, v_n$ *and* a laplacian through `fun`, and returns, for
+    every output,
 
-    flat_j = [Zero_or(j, p, n) for j, p in zip(flat_j, flat_p)]
-    flat_l = [Zero_or(lp, p, None) for lp, p in zip(flat_l, flat_p)]
-    outs, jacs, laps = lap_flat(flat_fun, flat_p, flat_j, flat_l, n)
-    out_tree = out_tree_box[0]
-    jacs = [_densify(o, j, n) for o, j in zip(outs, jacs)]
-    laps = [_densify(o, lp, None) for o, lp in zip(outs, laps)]
-    unflatten = lambda xs: jax.tree_util.tree_unflatten(out_tree, xs)
+    $$
+    \text{jacobians\_out}_k = J\,v_k, \qquad
+    \text{laplacians\_out} = \sum_{k=1}^{n} v_k^\top \big(\nabla^2 f\big)\, v_k
+        + J \,\text{laplacians},
+    $$
+
+    where $J$ and $\nabla^2 f$ are the jacobian and Hessian of `fun` at `primals`. With
+    the $n$ unit vectors as directions and a zero input laplacian, the second output is
+    the Laplacian $\nabla^2 f = \operatorname{tr} \nabla^2 f$ and the first is the full
+    jacobian, at the cost of one forward pass rather than $n$ Hessian-vector products.
+    The laplacian input lets a Laplacian flow through a composition: feed in the
+    outputs of an inner `lap` call and get the Laplacian of the composite function.
+
+    `primals` is a tuple or list holding one pytree per positional argument of `fun`
+    (dicts, tuples, NamedTuples, dataclasses registered as pytrees, Equinox modules,
+    ...), and every leaf is differentiated, so every leaf must be an array or a Python
+    scalar; use [`fwdlap.lap_filter`][] when some are not. `jacobians` and `laplacians`
+    have the structure of `primals`. A tangent leaf may be `None` or a symbolic zero
+    ([`fwdlap.zero_tangent_from_primal`][]), both meaning zero, and `None` may stand
+    for a whole subtree. Integer and boolean leaves are not differentiated: their
+    tangents must be `None`, symbolic zeros or float0 arrays.
+
+    All inputs are checked while `fun` is traced, so under `jax.jit` the checks cost
+    nothing at run time. A mistake raises a `TypeError` (calling convention, leaf
+    types, dtypes) or a `ValueError` (structures and shapes) naming the leaf.
+
+    **Arguments:**
+
+    - `fun`: the function to differentiate. It takes `len(primals)` positional
+        arguments and returns a pytree of arrays.
+    - `primals`: a tuple or list of pytrees, the point at which to evaluate `fun`.
+    - `jacobians`: the tangent directions, with the structure of `primals`. Each leaf
+        has shape `(n, *primal_leaf.shape)`, with one `n` shared by every leaf of every
+        argument: direction `k` is the `k`-th slice of every leaf.
+    - `laplacians`: the input laplacian, with the structure of `primals`; each leaf
+        has its primal leaf's shape. Usually all zero: pass `None` for each argument.
+
+    **Returns:**
+
+    A 3-tuple `(out, jacobians_out, laplacians_out)`, each with the pytree structure of
+    `fun`'s output: `out = fun(*primals)`; each leaf of `jacobians_out` has shape
+    `(n, *out_leaf.shape)`; each leaf of `laplacians_out` has its output leaf's shape.
+    Tangents of outputs that do not depend on the inputs come back as dense zeros.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import fwdlap
+
+    def f(params, x):
+        return jnp.tanh(params["w"] @ x + params["b"]).sum()
+
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(2)}
+    x = jnp.array([0.1, 0.2, 0.3])
+    out, jac, lap = fwdlap.lap(
+        f,
+        (params, x),
+        (None, jnp.eye(3)),  # differentiate with respect to x only
+        (None, None),
+    )
+    # jac has shape (3,): the gradient of f in x; lap is the Laplacian of f in x.
+    ```
+    """
+    checked = _checks.check_inputs(
+        _LAP, fun, primals, jacobians, laplacians, filtered=False
+    )
+    store = _OutTree()
+    flat_fun = _flat_fun(_LAP, fun, checked.treedef, store)
+    outs, jacs, laps = lap_flat(
+        flat_fun,
+        list(checked.primals),
+        list(checked.jacobians),
+        list(checked.laplacians),
+        checked.n,
+    )
+    avals = [jax.typeof(o) for o in outs]
+    jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]
+    laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=True)]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, store.treedef)
     return unflatten(outs), unflatten(jacs), unflatten(laps)
 
 
-def Zero_or(t: Any, primal: Any, n: int | None) -> Any:
-    from .._core.zeros import zero_jacobian, zero_laplacian
-
-    if t is None:
-        return zero_laplacian(primal) if n is None else zero_jacobian(primal, n)
-    return t
-
-
+@_checks.validates_own_inputs
 def lap_partial(
     fun: Callable[..., Any],
-    primals: Sequence[Any],
-    example_jacobians: Sequence[Any],
-    example_laplacians: Sequence[Any],
-) -> tuple[Any, Partial]:
-    """Partially evaluated forward Laplacian (see `fwdlap.lap_partial`)."""
-    flat_p, in_tree = jax.tree_util.tree_flatten(tuple(primals))
-    flat_j = _flatten_tangents(tuple(example_jacobians), in_tree)
-    flat_l = _flatten_tangents(tuple(example_laplacians), in_tree)
-    n = _num_directions(flat_j)
-    out_tree_box: list[Any] = []
+    primals: Primals,
+    example_jacobians: Jacobians,
+    example_laplacians: Laplacians,
+) -> tuple[OutTree, Partial]:
+    r"""Evaluate a function now and its forward Laplacian later, for many tangents.
 
-    def flat_fun(*args: Any) -> list[Any]:
-        out = fun(*jax.tree_util.tree_unflatten(in_tree, args))
-        leaves, out_tree = jax.tree_util.tree_flatten(out)
-        out_tree_box.append(out_tree)
-        return leaves
+    It is to [`fwdlap.lap`][] what `jax.linearize` is to `jax.jvp`: it evaluates `fun`
+    at `primals` once and returns the output together with `lap_pe`, a function that
+    maps tangents `(jacobians, laplacians)` to `(jacobians_out, laplacians_out)`
+    without evaluating `fun` again. Use it to push many blocks of directions through
+    one network evaluation, for example in a `jax.lax.fori_loop` over blocks of the
+    identity when the whole $n \times n$ jacobian does not fit in memory; the Laplacian
+    is then the sum of the blocks' laplacians (with the input laplacian in one block
+    only).
 
-    flat_j = [Zero_or(j, p, n) for j, p in zip(flat_j, flat_p)]
-    flat_l = [Zero_or(lp, p, None) for lp, p in zip(flat_l, flat_p)]
-    outs, pe_fn = lap_partial_flat(flat_fun, flat_p, flat_j, flat_l, n)
-    out_tree = out_tree_box[0]
-    avals = [jax.typeof(o) for o in outs]
-    apply = functools.partial(_apply_lap_pe, in_tree, out_tree, tuple(avals_shapes(avals)))
-    pe = Partial(apply, pe_fn)
-    return jax.tree_util.tree_unflatten(out_tree, outs), pe
+    The examples fix what `lap_pe` accepts: the structure of `primals`, the number of
+    directions `n`, and the zero pattern. A leaf whose example jacobian (or laplacian)
+    is `None` or a symbolic zero is traced as zero, and `lap_pe` raises a `ValueError`
+    if it is later given an array there; the example values themselves are not used.
+    `lap_pe` is a `jax.tree_util.Partial`, so it can be passed into and returned from
+    `jax.jit` and used inside `jax.lax` loops.
 
+    **Arguments:**
 
-def avals_shapes(avals: Sequence[Any]) -> list[Any]:
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    - `fun`: the function to differentiate, as for [`fwdlap.lap`][].
+    - `primals`: a tuple or list of pytrees of arrays at which to evaluate `fun`.
+    - `example_jacobians`: tangents with the structure of `primals` and leaves shaped
+        `(n, *primal_leaf.shape)`; only their shapes and zero pattern are used.
+    - `example_laplacians`: the same for the laplacians (leaves shaped like the primal
+        leaves).
+
+    **Returns:**
+
+    A 2-tuple `(out, lap_pe)`: `out = fun(*primals)`, and `lap_pe(jacobians,
+    laplacians) -> (jacobians_out, laplacians_out)`, which takes tangents shaped like
+    the examples and returns what [`fwdlap.lap`][] would.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import fwdlap
+
+    f = lambda x: jnp.sin(x).sum()
+    x = jnp.arange(4.0)
+    eye = jnp.eye(4).reshape(2, 2, 4)  # 2 blocks of 2 directions
+    out, lap_pe = fwdlap.lap_partial(f, (x,), (eye[0],), (None,))
+
+    def add_block(i, total):
+        _, lap_block = lap_pe((eye[i],), (None,))
+        return total + lap_block
+
+    laplacian = jax.lax.fori_loop(0, 2, add_block, 0.0)  # == -jnp.sin(x).sum()
+    ```
+    """
+    checked = _checks.check_inputs(
+        _LAP_PARTIAL,
+        fun,
+        primals,
+        example_jacobians,
+        example_laplacians,
+        filtered=False,
+    )
+    store = _OutTree()
+    flat_fun = _flat_fun(_LAP_PARTIAL, fun, checked.treedef, store)
+    outs, pe_fn = lap_partial_flat(
+        flat_fun,
+        list(checked.primals),
+        list(checked.jacobians),
+        list(checked.laplacians),
+        checked.n,
+    )
+    out_avals = tuple(jax.typeof(o) for o in outs)
+    apply = functools.partial(
+        _apply_lap_pe, _checks.partial_spec(checked), store.treedef, out_avals
+    )
+    return jax.tree_util.tree_unflatten(store.treedef, outs), Partial(apply, pe_fn)
 
 
 def _apply_lap_pe(
-    in_tree: Any,
+    spec: _checks.PartialSpec,
     out_tree: Any,
-    out_structs: Any,
-    pe_fn: Any,
-    jacobians: Sequence[Any],
-    laplacians: Sequence[Any],
+    out_avals: Sequence[Any],
+    pe_fn: Callable[..., tuple[list[Any], list[Any]]],
+    jacobians: Any,
+    laplacians: Any,
 ) -> tuple[Any, Any]:
-    flat_j = _flatten_tangents(tuple(jacobians), in_tree)
-    flat_l = _flatten_tangents(tuple(laplacians), in_tree)
-    n = _num_directions(flat_j)
+    flat_j, flat_l = _checks.check_partial_tangents(spec, jacobians, laplacians)
     jacs, laps = pe_fn(flat_j, flat_l)
-    jacs = [_densify(jnp.zeros(s.shape, s.dtype), j, n) for s, j in zip(out_structs, jacs)]
-    laps = [_densify(jnp.zeros(s.shape, s.dtype), lp, None) for s, lp in zip(out_structs, laps)]
-    unflatten = lambda xs: jax.tree_util.tree_unflatten(out_tree, xs)
+    jacs = [_densify(a, j, (spec.n,)) for a, j in zip(out_avals, jacs, strict=True)]
+    laps = [_densify(a, lp, ()) for a, lp in zip(out_avals, laps, strict=True)]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, out_tree)
     return unflatten(jacs), unflatten(laps)

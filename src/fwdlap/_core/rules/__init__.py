@@ -1,5 +1,6 @@
 """Forward-Laplacian rules, one module per family; importing registers them."""
 
 from . import bilinear, control_flow, custom, elementwise, generic, linear
+from . import linalg as linalg
 
 __all__ = ["bilinear", "control_flow", "custom", "elementwise", "generic", "linear"]

@@ -1,0 +1,127 @@
+"""`fwdlap.register_rule`: teach fwdlap a forward-Laplacian rule."""
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import jax
+
+from .._core import _jax, registry
+
+
+def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
+    r"""Register a forward-Laplacian rule for a primitive or a custom_jvp function.
+
+    fwdlap propagates, for every intermediate value $y$, its jacobian (one row per
+    tangent direction $v_k$) and its laplacian
+    $\sum_k v_k^\top \nabla^2 y \, v_k$ (plus the first-order term of the input
+    laplacians). Operations without a rule of their own are differentiated twice with
+    JAX's JVP rules, which is always correct but can be slow. A rule replaces that with
+    a formula.
+
+    **Arguments:**
+
+    - `primitive`: either a `jax.extend.core.Primitive`, or a function decorated with
+        `jax.custom_jvp` (which then keeps its JVP rule for every other transformation).
+    - `rule`: the rule. Registering again replaces the previous rule.
+
+    **Rules for primitives** have the signature
+
+    ```python
+    rule(primals, jacobians, laplacians, **params) -> (out, jacobian_out, laplacian_out)
+    ```
+
+    `primals` is the list of the primitive's inputs and `params` its parameters.
+    `jacobians[i]` has shape `(n, *primals[i].shape)`: a leading axis of `n` tangent
+    directions. `laplacians[i]` has the shape of `primals[i]`. Either may be a symbolic
+    zero, a `fwdlap.Zero` (test with `type(t) is fwdlap.Zero`), for inputs that do not
+    depend on the differentiated variables; the rule may return `fwdlap.Zero` too. For
+    an input $x$ with jacobian $J$ and laplacian $L$ and an output $y = f(x)$, the rule
+    returns $y$, the jacobian $J_y[k] = f'(x)\,J[k]$ and the laplacian
+    $L_y = \sum_k f''(x)[J[k], J[k]] + f'(x)\,L$ (with several inputs, $f''$ includes
+    the cross terms). For a primitive with `multiple_results`, each of the three
+    outputs is a list. The rule runs under the enclosing transformations (`jax.jit`,
+    `jax.vmap`, ...), so ordinary `jax.numpy` and `jax.lax` code works in it.
+
+    **Rules for `jax.custom_jvp` functions** have the signature
+
+    ```python
+    rule(primals, jacobians, laplacians) -> (outs, jacobian_outs, laplacian_outs)
+    ```
+
+    with lists over the function's arguments and over the leaves of its output
+    (`jax.tree_util.tree_leaves`), shaped as above. The function must take arrays as
+    positional arguments (no pytrees, no `nondiff_argnums`). A rule may return
+    `NotImplemented` to fall back to differentiating the function's JVP rule for these
+    inputs (fwdlap's own `slogdet` rule does so for complex matrices). The rule is used
+    whenever the function is called inside the function given to fwdlap, directly or
+    under `jax.jit`; where a transformation inside that function (say a `jax.vmap`
+    around the call) has rewritten the call, fwdlap falls back to the JVP rule, which is
+    always correct. The shapes the rule returns are checked against the function's.
+
+    fwdlap ships rules of this kind for `jnp.linalg.slogdet` and `jnp.linalg.det`: they
+    factorise the matrix once and use its inverse, instead of differentiating JAX's JVP
+    rules through the LU primitives.
+
+    **Returns:**
+
+    Nothing; the rule applies to every later trace.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import fwdlap
+
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus.defjvp(lambda p, t: (softplus(p[0]), jax.nn.sigmoid(p[0]) * t[0]))
+
+    def softplus_rule(primals, jacobians, laplacians):
+        (x,), (jac,), (lap,) = primals, jacobians, laplacians
+        s = jax.nn.sigmoid(x)
+        # Symbolic zeros (fwdlap.Zero) are not handled here, for brevity.
+        return [softplus(x)], [s * jac], [s * lap + s * (1 - s) * (jac**2).sum(0)]
+
+    fwdlap.register_rule(softplus, softplus_rule)
+    ```
+    """
+    if not callable(rule):
+        raise TypeError(
+            "fwdlap.register_rule: `rule` must be a callable, got "
+            f"{type(rule).__name__}."
+        )
+    if isinstance(primitive, _jax.Primitive):
+        registry.register(primitive, rule)
+        return
+    if isinstance(primitive, jax.custom_jvp):
+        custom_fn = cast(Any, primitive)
+        nondiff: tuple[int, ...] = tuple(getattr(custom_fn, "nondiff_argnums", ()))
+        if nondiff:
+            raise ValueError(
+                "fwdlap.register_rule: the jax.custom_jvp function "
+                f"{_name(custom_fn)!r} has nondiff_argnums={nondiff}; rules can only "
+                "be registered for custom_jvp functions whose arguments are all "
+                "differentiable arrays. Pass the non-differentiable values by closure "
+                "instead."
+            )
+        if getattr(custom_fn, "jvp", None) is None:
+            raise ValueError(
+                "fwdlap.register_rule: the jax.custom_jvp function "
+                f"{_name(custom_fn)!r} has no JVP rule yet; call its `defjvp` first, "
+                "so that other transformations (and fwdlap's fallback) can use it."
+            )
+        registry.register_custom_jvp(custom_fn, rule)
+        return
+    raise TypeError(
+        "fwdlap.register_rule: `primitive` must be a jax.extend.core.Primitive or a "
+        f"function decorated with jax.custom_jvp, got {type(primitive).__name__}. "
+        "Other Python functions need no rule: fwdlap traces through them."
+    )
+
+
+def _name(fn: Any) -> str:
+    inner = getattr(fn, "fun", fn)
+    return str(getattr(inner, "__qualname__", None) or repr(fn))

@@ -1,0 +1,257 @@
+"""Bad input to the pytree API fails loudly, in a sentence of ours, naming the leaf.
+
+Each case asserts the exception type, that the message comes from fwdlap (it names the
+public function), and that it names the argument and leaf path (`jax.tree_util.keystr`)
+together with what was expected and what was found. Every check runs before `fun` is
+traced, so `fun` here records whether it was ever called.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fwdlap
+
+PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(2)}
+X = jnp.array([0.1, 0.2, 0.3])
+EYE = jnp.eye(3)
+
+
+class Recorder:
+    """A function of (params, x) that records whether it was called."""
+
+    def __init__(self) -> None:
+        self.called = False
+
+    def __call__(self, params: dict[str, Any], x: jax.Array) -> jax.Array:
+        self.called = True
+        return jnp.sum(jnp.tanh(params["w"] @ x + params["b"]))
+
+
+def zero_jac(x: Any, n: int) -> Any:
+    return fwdlap.zero_tangent_from_primal(x, n)
+
+
+# Each case: (jacobians, laplacians, exception, fragments the message must contain).
+CASES: dict[str, tuple[Any, Any, type[Exception], list[str]]] = {
+    "jacobian_trailing_shape": (
+        ({"w": jnp.ones((6, 3, 2)), "b": None}, None),
+        (None, None),
+        ValueError,
+        ["jacobians[0]['w']", "(6, 3, 2)", "(n, 2, 3)", "primals[0]['w']"],
+    ),
+    "jacobian_missing_direction_axis": (
+        (None, jnp.ones(3)),
+        (None, None),
+        ValueError,
+        ["jacobians[1]", "(3,)", "(n, 3)"],
+    ),
+    "jacobian_symbolic_zero_wrong_shape": (
+        ({"w": zero_jac(jnp.ones(2), 6), "b": None}, None),
+        (None, None),
+        ValueError,
+        ["jacobians[0]['w']", "(6, 2)", "(n, 2, 3)"],
+    ),
+    "laplacian_shape": (
+        (None, EYE),
+        ({"w": None, "b": jnp.ones(3)}, None),
+        ValueError,
+        ["laplacians[0]['b']", "(3,)", "(2,)"],
+    ),
+    "n_differs": (
+        ({"w": jnp.ones((4, 2, 3)), "b": jnp.ones((5, 2))}, EYE),
+        (None, None),
+        ValueError,
+        ["n = 4 at jacobians[0]['w']", "n = 5 at jacobians[0]['b']", "jacobians[1]"],
+    ),
+    "structure_missing_key": (
+        ({"w": jnp.ones((3, 2, 3))}, EYE),
+        (None, None),
+        ValueError,
+        [
+            "jacobians[0]['b']",
+            "PyTreeDef(({'b': *, 'w': *}, *))",
+            "PyTreeDef(({'w': *}",
+        ],
+    ),
+    "structure_extra_key": (
+        (None, EYE),
+        ({"w": None, "b": None, "c": jnp.ones(2)}, None),
+        ValueError,
+        ["laplacians[0]['c']", "PyTreeDef"],
+    ),
+    "structure_node_type": (
+        ([jnp.ones((3, 2, 3)), jnp.ones((3, 2))], EYE),
+        (None, None),
+        ValueError,
+        ["jacobians", "PyTreeDef(({'b': *, 'w': *}, *))", "PyTreeDef(([*, *], *))"],
+    ),
+    "array_for_a_subtree": (
+        (jnp.ones((3, 2, 3)), EYE),
+        (None, None),
+        ValueError,
+        ["jacobians", "PyTreeDef(({'b': *, 'w': *}, *))"],
+    ),
+    "argument_count": (
+        (EYE,),
+        (None, None),
+        ValueError,
+        ["`jacobians`", "`primals` has 2", "has 1"],
+    ),
+    "integer_jacobian_for_float_primal": (
+        (None, jnp.eye(3, dtype=jnp.int32)),
+        (None, None),
+        TypeError,
+        ["jacobians[1]", "int32", "float64"],
+    ),
+    "complex_laplacian_for_real_primal": (
+        (None, EYE),
+        (None, jnp.ones(3, dtype=jnp.complex128)),
+        TypeError,
+        ["laplacians[1]", "complex128"],
+    ),
+    "float0_jacobian_for_float_primal": (
+        (None, np.zeros((3, 3), jax.dtypes.float0)),
+        (None, None),
+        TypeError,
+        ["jacobians[1]", "float0"],
+    ),
+    "jacobian_leaf_is_a_list": (
+        (None, [[1.0, 0.0, 0.0]]),
+        (None, None),
+        ValueError,  # a list where primals have a leaf is a structure mismatch
+        ["jacobians[1]", "subtree", "PyTreeDef((*, [[*, *, *]]))"],
+    ),
+    "jacobian_leaf_is_a_string": (
+        ({"w": "eye", "b": None}, None),
+        (None, None),
+        TypeError,
+        ["jacobians[0]['w']", "string"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("api", ["lap", "lap_partial", "lap_filter"])
+def test_bad_tangents(api: str, name: str) -> None:
+    jacobians, laplacians, error, fragments = CASES[name]
+    fun = Recorder()
+    call: Callable[..., Any] = getattr(fwdlap, api)
+    with pytest.raises(error) as info:
+        call(fun, (PARAMS, X), jacobians, laplacians)
+    message = str(info.value)
+    assert message.startswith(f"fwdlap.{api}"), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert not fun.called
+
+
+@pytest.mark.parametrize("api", ["lap", "lap_partial", "lap_filter"])
+def test_bare_array_as_primals(api: str) -> None:
+    call: Callable[..., Any] = getattr(fwdlap, api)
+    with pytest.raises(TypeError, match=r"`primals` to be a tuple or list.*bare array"):
+        call(jnp.sin, X, EYE, None)
+
+
+@pytest.mark.parametrize("argument", ["jacobians", "laplacians"])
+def test_bare_array_as_tangents(argument: str) -> None:
+    tangents = {"jacobians": (EYE,), "laplacians": (None,)}
+    tangents[argument] = EYE if argument == "jacobians" else jnp.zeros(3)
+    with pytest.raises(TypeError, match=rf"`{argument}` to be a tuple or list"):
+        fwdlap.lap(jnp.sin, (X,), tangents["jacobians"], tangents["laplacians"])
+
+
+def test_fun_not_callable() -> None:
+    with pytest.raises(TypeError, match=r"`fun` to be a callable.*\(x,\)|`fun`"):
+        fwdlap.lap((X,), (EYE,), (None,), (None,))  # pyright: ignore[reportArgumentType]
+
+
+def test_non_array_leaf_given_to_lap() -> None:
+    """lap differentiates every leaf; a function-valued leaf points to lap_filter."""
+    fun = lambda config, x: config["act"](x)
+    with pytest.raises(TypeError) as info:
+        fwdlap.lap(fun, ({"act": jnp.sin}, X), (None, EYE), (None, None))
+    message = str(info.value)
+    assert "primals[0]['act']" in message and "fwdlap.lap_filter" in message
+
+
+def test_equinox_mlp_given_to_lap_points_to_lap_filter() -> None:
+    mlp = eqx.nn.MLP(3, 1, width_size=2, depth=1, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"primals\[0\]\.activation.*lap_filter"):
+        fwdlap.lap(lambda m, x: m(x), (mlp, X), (None, EYE), (None, None))
+
+
+def test_non_array_output_of_lap() -> None:
+    with pytest.raises(TypeError, match=r"output\[1\].*lap_filter"):
+        fwdlap.lap(lambda x: (jnp.sin(x), "label"), (X,), (EYE,), (None,))
+
+
+def test_tangent_for_a_float_given_to_an_integer_primal() -> None:
+    fun = lambda k, x: x * k
+    with pytest.raises(TypeError, match=r"primals\[0\].*int.*jacobians\[0\]"):
+        fwdlap.lap(fun, (jnp.array(2), X), (jnp.ones((3,)), EYE), (None, None))
+
+
+def test_lap_filter_tangent_for_a_non_array_leaf() -> None:
+    fun = lambda config, x: config["act"](x)
+    with pytest.raises(TypeError, match=r"primals\[0\]\['act'\].*None as both"):
+        fwdlap.lap_filter(fun, ({"act": jnp.sin}, X), ({"act": EYE}, EYE), (None, None))
+
+
+def test_errors_are_ours_under_jit() -> None:
+    """Checks run at trace time, so under jit the message is the same sentence."""
+    run = jax.jit(lambda x, j: fwdlap.lap(jnp.sin, (x,), (j,), (None,)))
+    with pytest.raises(ValueError, match=r"jacobians\[0\].*\(n, 3\)"):
+        run(X, jnp.ones((3, 4)))
+
+
+# --- lap_pe ---------------------------------------------------------------------------
+
+
+def _lap_pe() -> Any:
+    fun = lambda params, x: jnp.sum(jnp.tanh(params["w"] @ x + params["b"]))
+    _, lap_pe = fwdlap.lap_partial(fun, (PARAMS, X), (None, EYE), (None, None))
+    return lap_pe
+
+
+@pytest.mark.parametrize(
+    "jacobians, laplacians, error, pattern",
+    [
+        ((None, jnp.ones((4, 3))), (None, None), ValueError, r"n = 3.*n = 4"),
+        (
+            (None, jnp.ones((3, 2))),
+            (None, None),
+            ValueError,
+            r"jacobians\[1\].*\(n, 3\)",
+        ),
+        (
+            ({"w": jnp.ones((3, 2, 3)), "b": None}, EYE),
+            (None, None),
+            ValueError,
+            r"primals\[0\]\['w'\] was zero.*jacobians\[0\]\['w'\] is an array",
+        ),
+        (
+            (None, EYE),
+            (None, jnp.ones(3)),
+            ValueError,
+            r"primals\[1\] was zero.*laplacians\[1\] is an array",
+        ),
+        ((None, EYE), (None,), ValueError, r"`laplacians`.*one entry per entry"),
+        (EYE, (None, None), TypeError, r"`jacobians` to be a tuple or list"),
+    ],
+)
+def test_lap_pe_rejects_tangents_it_was_not_traced_for(
+    jacobians: Any, laplacians: Any, error: type[Exception], pattern: str
+) -> None:
+    lap_pe = _lap_pe()
+    with pytest.raises(error) as info:
+        lap_pe(jacobians, laplacians)
+    message = str(info.value)
+    assert message.startswith("lap_pe (the function returned by fwdlap.lap_partial)")
+    assert re.search(pattern, message, flags=re.S), (pattern, message)
