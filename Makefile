@@ -32,7 +32,7 @@ unit: $(BIN)/.bootstrapped
 	$(BIN)/python -m pytest -n 2 -q
 
 docs-build: $(BIN)/.bootstrapped
-	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict -q; fi
+	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict; fi
 
 test: lint typecheck unit docs-build
 

@@ -51,7 +51,9 @@ def tree_allclose(a: Any, b: Any, rtol: float = 1e-7, atol: float = 1e-8) -> boo
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def reference_triple(f: Callable[[jax.Array], Any], x: jax.Array) -> tuple[Any, Any, Any]:
+def reference_triple(
+    f: Callable[[jax.Array], Any], x: jax.Array
+) -> tuple[Any, Any, Any]:
     """`(f(x), reference_jacobian(f, x), reference_laplacian(f, x))`, compiled once."""
     return f(x), reference_jacobian(f, x), reference_laplacian(f, x)
 
@@ -69,3 +71,25 @@ def hessian_trace_weighted(
         return jnp.einsum("ki,...ij,kj->...", v, h, v)
 
     return jax.tree_util.tree_map(contract, hess)
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
+    subs = []
+    for value in params.values():
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if hasattr(v, "eqns"):  # an open Jaxpr
+                subs.append(v)
+            elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):  # a ClosedJaxpr
+                subs.append(v.jaxpr)
+    return subs
+
+
+def jaxpr_shapes(jaxpr: Any) -> list[tuple[int, ...]]:
+    """Shapes of every value bound anywhere in a (closed) jaxpr, sub-jaxprs included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    shapes = [tuple(v.aval.shape) for v in jaxpr.invars]
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for sub in _sub_jaxprs(eqn.params):
+            shapes += jaxpr_shapes(sub)
+    return shapes

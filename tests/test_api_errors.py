@@ -255,3 +255,38 @@ def test_lap_pe_rejects_tangents_it_was_not_traced_for(
     message = str(info.value)
     assert message.startswith("lap_pe (the function returned by fwdlap.lap_partial)")
     assert re.search(pattern, message, flags=re.S), (pattern, message)
+
+
+# --- the jaxtyping layer --------------------------------------------------------------
+
+
+def test_annotated_contract_rejects_what_it_states() -> None:
+    """The jaxtyping + beartype contract on the canonical leaves is live: one n for all
+    jacobians, one structure for all three trees, inexact tangents."""
+    from jaxtyping import TypeCheckError
+
+    from fwdlap.api import _checks
+
+    x = jnp.ones(2)
+    zero = fwdlap.zero_tangent_from_primal(x, 3)
+    lap_zero = fwdlap.zero_tangent_from_primal(x)
+    _checks._annotated_contract((x, x), (jnp.ones((3, 2)), zero), (x, lap_zero))
+    bad = [
+        ((x, x), (jnp.ones((3, 2)), jnp.ones((4, 2))), (x, x)),  # n differs
+        ((x, x), (jnp.ones((3, 2)),), (x, x)),  # structure differs
+        ((x, x), (jnp.ones((3, 2), jnp.int32), jnp.ones((3, 2))), (x, x)),  # dtype
+    ]
+    for primals, jacobians, laplacians in bad:
+        with pytest.raises(TypeCheckError):
+            _checks._annotated_contract(primals, jacobians, laplacians)
+
+
+def test_outer_jaxtyping_checker_defers_to_our_messages() -> None:
+    """With jaxtyping's import hook (or any `jaxtyped` wrapper) around the public
+    functions, the message is still ours: they are marked to check themselves."""
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    wrapped = jaxtyped(typechecker=beartype)(fwdlap.lap)
+    with pytest.raises(TypeError, match=r"^fwdlap\.lap expects `primals`"):
+        wrapped(jnp.sin, X, EYE, None)  # pyright: ignore[reportArgumentType]

@@ -128,10 +128,11 @@ def _while_data_dependent(x: jax.Array) -> jax.Array:
 
 def _while_const_only(x: jax.Array) -> jax.Array:
     # Only a closed-over constant carries tangents; the carry starts constant.
-    def body(c: jax.Array) -> jax.Array:
-        return c * jnp.cos(x) + x**2
+    def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return c[0] + 1, c[1] * jnp.cos(x) + x**2
 
-    return lax.while_loop(lambda c: c[0] < 1e3 * jnp.ones(()), body, jnp.ones(3))
+    _, out = lax.while_loop(lambda c: c[0] < 4, body, (0, jnp.ones(3)))
+    return out
 
 
 def _fori_static(x: jax.Array) -> jax.Array:

@@ -31,6 +31,7 @@ UNIT = np.array([0.3, -0.6, 0.45])
 ABOVE_ONE = np.array([1.3, 2.2, 1.7])
 MAT = np.array([[0.9, 0.2, -0.3], [0.1, 1.4, 0.25], [-0.2, 0.35, 1.1]])
 GRID = np.array([[0.3, -0.5, 0.8], [1.2, 0.1, -0.9]])
+MAT4 = np.cos(np.arange(16.0)).reshape(4, 4) + 3 * np.eye(4)
 
 A = np.array([[1.0, -0.5, 0.25], [0.3, 0.8, -1.2], [-0.7, 0.4, 0.6], [0.2, 0.1, 0.9]])
 IDX = np.array([2, 0, 2, 1])
@@ -59,6 +60,16 @@ def _conv_2d(x: jax.Array) -> jax.Array:
     img = jnp.outer(x, jnp.sin(x)).reshape(1, 1, 3, 3)
     kernel = (jnp.array([[1.0, -0.5], [0.25, 0.75]]) * x[0]).reshape(1, 1, 2, 2)
     return lax.conv_general_dilated(img, kernel, (1, 1), "SAME")
+
+
+def _batch_of_two(x: jax.Array) -> jax.Array:
+    m = x.reshape(4, 4)
+    return jnp.stack([m, m.T**2 + jnp.eye(4)])
+
+
+def _sym4(x: jax.Array) -> jax.Array:
+    m = x.reshape(4, 4)
+    return m + m.T
 
 
 def _spd(x: jax.Array) -> jax.Array:
@@ -100,7 +111,9 @@ ZOO = [
     Case("acosh", jnp.arccosh, ABOVE_ONE),
     Case("atanh", jnp.arctanh, UNIT),
     Case("logaddexp", lambda x: jnp.logaddexp(x, 2 * x[::-1]), ANY),
-    Case("maximum_minimum", lambda x: jnp.maximum(x, x[::-1]) * jnp.minimum(x, 0.5), ANY),
+    Case(
+        "maximum_minimum", lambda x: jnp.maximum(x, x[::-1]) * jnp.minimum(x, 0.5), ANY
+    ),
     Case("clamp", lambda x: jnp.clip(x, -0.5, 0.5) * x, ANY),
     Case("rem", lambda x: jnp.remainder(x**2, 0.7), ANY),
     Case("sign_floor_round", lambda x: jnp.sign(x) * jnp.floor(3 * x) * x**2, ANY),
@@ -127,7 +140,9 @@ ZOO = [
     # --- indexing ---
     Case("gather", lambda x: x[IDX] ** 2 * x[IDX[::-1]], ANY),
     Case("slice", lambda x: x[1:] * x[:-1], ANY),
-    Case("take_along_axis", lambda x: jnp.take_along_axis(x, jnp.argsort(x), 0) ** 3, ANY),
+    Case(
+        "take_along_axis", lambda x: jnp.take_along_axis(x, jnp.argsort(x), 0) ** 3, ANY
+    ),
     Case("scatter_set", lambda x: x.at[1].set(x[0] ** 2) * x, ANY),
     Case("scatter_add", lambda x: jnp.sin(x).at[IDX[:3]].add(x**2), ANY),
     Case(
@@ -175,6 +190,49 @@ ZOO = [
             jnp.tril(x.reshape(3, 3)) + 2 * jnp.eye(3), x[:3], lower=True
         ),
         MAT.ravel(),
+    ),
+    Case("slogdet_4x4", lambda x: jnp.linalg.slogdet(x.reshape(4, 4))[1], MAT4.ravel()),
+    Case("det_4x4", lambda x: jnp.linalg.det(x.reshape(4, 4)), MAT4.ravel()),
+    Case(
+        "slogdet_batched",
+        lambda x: jnp.linalg.slogdet(_batch_of_two(x))[1],
+        MAT4.ravel(),
+    ),
+    # The next ones go through JAX's JVP rules on the generic path; several of those
+    # rules fail when called with only symbolic-zero tangents.
+    Case(
+        "eigh_vectors", lambda x: jnp.linalg.eigh(_sym4(x))[1][:, 0] ** 2, MAT4.ravel()
+    ),
+    Case(
+        "svd_values",
+        lambda x: jnp.linalg.svd(x.reshape(4, 4), compute_uv=False),
+        MAT4.ravel(),
+    ),
+    Case("norm_ord2", lambda x: jnp.linalg.norm(x.reshape(4, 4), ord=2), MAT4.ravel()),
+    Case("qr", lambda x: jnp.linalg.qr(x.reshape(4, 4))[1], MAT4.ravel()),
+    Case("pinv", lambda x: jnp.linalg.pinv(x.reshape(4, 4)), MAT4.ravel()),
+    Case("expm", lambda x: jsp.linalg.expm(0.3 * x.reshape(4, 4)), MAT4.ravel()),
+    Case("prod_axis", lambda x: jnp.prod(x.reshape(4, 4), axis=1), MAT4.ravel()),
+    Case("cumlogsumexp", lambda x: lax.cumlogsumexp(x**2), ANY),
+    Case("top_k", lambda x: lax.top_k(jnp.sin(x), 2)[0] * x[0], ANY),
+    Case(
+        "max_pool",
+        lambda x: lax.reduce_window(
+            jnp.sin(x.reshape(4, 4)), -jnp.inf, lax.max, (2, 2), (1, 1), "VALID"
+        ),
+        MAT4.ravel(),
+    ),
+    Case("fft", lambda x: jnp.abs(jnp.fft.fft(x**2)) ** 2, ANY),
+    Case("polygamma", lambda x: jsp.special.polygamma(1, 1.0 + x**2), ANY),
+    Case("gammainc", lambda x: jsp.special.gammainc(2.0, 1.0 + x**2), ANY),
+    # Binary primitives on the generic path with a rank-0 operand.
+    Case("pow_scalar_exponent", lambda x: jnp.power(1.0 + x**2, x[0]), ANY),
+    Case("atan2_scalar", lambda x: jnp.arctan2(x, 1.0 + x[0] ** 2), ANY),
+    Case("maximum_scalar", lambda x: jnp.maximum(x, x[0]) * x, ANY),
+    Case(
+        "select_n_three",
+        lambda x: lax.select_n(IDX[:3], x**2, jnp.sin(x), x * x[0]),
+        ANY,
     ),
     # --- matmul ---
     Case("matmul_const", lambda x: A @ jnp.tanh(x), ANY),
@@ -268,7 +326,9 @@ def _vector_fun(x: jax.Array) -> jax.Array:
 
 @pytest.mark.parametrize("fun", [_scalar_fun, _vector_fun], ids=["scalar", "vector"])
 @pytest.mark.parametrize("num_dirs", [1, 5])
-def test_non_identity_seed(fun: Callable[[jax.Array], jax.Array], num_dirs: int) -> None:
+def test_non_identity_seed(
+    fun: Callable[[jax.Array], jax.Array], num_dirs: int
+) -> None:
     # Random directions V: the Laplacian becomes sum_k v_k^T H v_k, the jacobian J V^T.
     x = jnp.asarray(ANY)
     v = jax.random.normal(jax.random.key(num_dirs), (num_dirs, 3), dtype=x.dtype)

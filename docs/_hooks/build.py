@@ -7,8 +7,13 @@
    the page says how to produce them, and the build still passes.
 2. The site must work offline: after the build, every HTML and CSS file is scanned, and
    a script, stylesheet, font or image loaded from another host fails the build.
+3. `mkdocs build --strict --quiet` must still fail on warnings (a broken link or
+   cross-reference): `--quiet` raises MkDocs' log level to ERROR, so warnings would not
+   even be logged, and strict mode counts logged warnings. In strict mode the level is
+   put back to WARNING, so `--quiet` hides only the INFO lines.
 """
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,13 @@ def _results() -> tuple[Path | None, Path | None]:
             png = _RESULTS / f"{stem}.png"
             return md, png if png.is_file() else None
     return None, None
+
+
+def on_config(config: Any) -> Any:
+    mkdocs_logger = logging.getLogger("mkdocs")
+    if config["strict"] and mkdocs_logger.getEffectiveLevel() > logging.WARNING:
+        mkdocs_logger.setLevel(logging.WARNING)
+    return config
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -79,8 +91,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         parts.append(f"*From `benchmarks/results/{md.name}`.*\n")
         if png is not None:
             parts.append(
-                "![Run time per configuration against the number of electrons, one "
-                "panel per model](benchmark-results.png)\n"
+                "[![Run time per configuration against the number of electrons, one "
+                "panel per model](benchmark-results.png)](benchmark-results.png)\n"
             )
         parts.append(_demote_headings(text, 1))
         body = "\n".join(parts)
@@ -91,7 +103,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
 
 # Attributes and CSS that make a browser fetch something while showing the page.
 _HTML_FETCH = re.compile(
-    r"<(script|img|iframe|source|audio|video)\b[^>]*\bsrc\s*=\s*[\"']?(?P<url>[^\"' >]+)"
+    r"<(script|img|iframe|source|audio|video)\b[^>]*\bsrc\s*=\s*"
+    r"[\"']?(?P<url>[^\"' >]+)"
     r"|<link\b(?=[^>]*\brel\s*=\s*[\"']?(?:stylesheet|preload|preconnect|icon|"
     r"modulepreload))[^>]*\bhref\s*=\s*[\"']?(?P<url2>[^\"' >]+)",
     re.IGNORECASE,

@@ -55,17 +55,6 @@ if TYPE_CHECKING:
     Laplacians: TypeAlias = Sequence[Any]
     OutTree: TypeAlias = Any
 else:
-    from beartype import beartype
-    from jaxtyping import (
-        Array,
-        ArrayLike,
-        Inexact,
-        PyTree,
-        Shaped,
-        TypeCheckError,
-        jaxtyped,
-    )
-
     #: One jacobian leaf: `n` directions followed by the primal leaf's shape.
     JacobianLeaf = Shaped[Array, "n ..."] | Shaped[np.ndarray, "n ..."] | Zero | None
     #: One laplacian leaf: the primal leaf's shape.
@@ -97,6 +86,21 @@ def validates_own_inputs(fn: _F) -> _F:
     return fn
 
 
+# --- typed tree helpers ---------------------------------------------------------------
+#
+# `KeyPath` in jax.tree_util is a tuple of an unsolved TypeVar, unknown to a static
+# checker; these casts give the two functions we use concrete types.
+
+_tree_flatten_with_path = cast(
+    Callable[..., tuple[list[tuple[tuple[Any, ...], Any]], PyTreeDef]],
+    jax.tree_util.tree_flatten_with_path,  # pyright: ignore[reportUnknownMemberType]
+)
+_keystr = cast(
+    Callable[[tuple[Any, ...]], str],
+    jax.tree_util.keystr,  # pyright: ignore[reportUnknownMemberType]
+)
+
+
 def flatten_with_paths(
     tree: Any, is_leaf: Callable[[Any], bool] | None = None
 ) -> tuple[list[tuple[tuple[Any, ...], Any]], PyTreeDef]:
@@ -107,18 +111,6 @@ def flatten_with_paths(
 def keystr(path: tuple[Any, ...]) -> str:
     """A leaf path as `jax.tree_util.keystr` writes it, e.g. `[0]['w']`."""
     return _keystr(path)
-
-
-# `KeyPath` in jax.tree_util is a tuple of an unsolved TypeVar, unknown to a static
-# checker; these casts give the two functions we use concrete types.
-_tree_flatten_with_path = cast(
-    Callable[..., tuple[list[tuple[tuple[Any, ...], Any]], PyTreeDef]],
-    jax.tree_util.tree_flatten_with_path,  # pyright: ignore[reportUnknownMemberType]
-)
-_keystr = cast(
-    Callable[[tuple[Any, ...]], str],
-    jax.tree_util.keystr,  # pyright: ignore[reportUnknownMemberType]
-)
 
 
 # --- descriptions used in messages ----------------------------------------------------
@@ -513,16 +505,24 @@ else:
         del primals, jacobians, laplacians
 
 
+def _contract_detail(error: Exception) -> str:
+    """The lines of a jaxtyping error that say which argument failed and how."""
+    keep = ("The problem arose", "Actual value", "Expected type")
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    picked = [ln.rstrip(".") for ln in lines if ln.startswith(keep)]
+    return "; ".join(picked) if picked else (lines[0] if lines else repr(error))
+
+
 def _check_contract(api: str, checked: CheckedInputs) -> None:
     primals, jacobians, laplacians = checked.dynamic_leaves()
     try:
         _annotated_contract(tuple(primals), tuple(jacobians), tuple(laplacians))
     except TypeCheckError as e:
-        detail = str(e).strip().splitlines()[0]
         raise TypeError(
             f"{api}: the validated inputs do not satisfy fwdlap's annotated contract "
-            f"(one structure, one n, floating tangents): {detail}. This is a bug in "
-            "fwdlap's input checks; please report it with the call that raised it."
+            f"(one structure, one n, floating tangents): {_contract_detail(e)}. This "
+            "is a bug in fwdlap's input checks; please report it with the call that "
+            "raised it."
         ) from None
 
 

@@ -82,8 +82,13 @@ def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
     def softplus_rule(primals, jacobians, laplacians):
         (x,), (jac,), (lap,) = primals, jacobians, laplacians
         s = jax.nn.sigmoid(x)
-        # Symbolic zeros (fwdlap.Zero) are not handled here, for brevity.
-        return [softplus(x)], [s * jac], [s * lap + s * (1 - s) * (jac**2).sum(0)]
+        if isinstance(jac, fwdlap.Zero):  # x does not depend on the variables
+            jac_out, lap_out = jac, jnp.zeros_like(x)
+        else:
+            jac_out, lap_out = s * jac, s * (1 - s) * jnp.sum(jac**2, axis=0)
+        if not isinstance(lap, fwdlap.Zero):
+            lap_out = lap_out + s * lap
+        return [softplus(x)], [jac_out], [lap_out]
 
     fwdlap.register_rule(softplus, softplus_rule)
     ```

@@ -53,6 +53,13 @@ def primitive_jvp_fn(primitive: Any, params: dict[str, Any]) -> JvpFn:
         )
 
     def jvp_fn(primals: Sequence[Any], tangents: Sequence[Any]):
+        if all(is_zero(t) for t in tangents):
+            # JAX never calls a JVP rule with only zero tangents (its JVPTrace binds
+            # the primitive instead), and many rules (svd, eigh, reduce_prod,
+            # cumlogsumexp, ...) fail on them. Do the same.
+            out = primitive.bind(*primals, **params)
+            outs = list(out) if primitive.multiple_results else [out]
+            return outs, [Zero(jax.typeof(o).to_tangent_aval()) for o in outs]
         out, tangent_out = jvp(list(primals), list(tangents), **params)
         if primitive.multiple_results:
             return list(out), list(tangent_out)
