@@ -1,6 +1,5 @@
 """Independent references for the tests: nothing here calls fwdlap."""
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,12 +49,15 @@ def tree_allclose(a: Any, b: Any, rtol: float = 1e-7, atol: float = 1e-8) -> boo
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def reference_triple(
+def reference_values(
     f: Callable[[jax.Array], Any], x: jax.Array
 ) -> tuple[Any, Any, Any]:
-    """`(f(x), reference_jacobian(f, x), reference_laplacian(f, x))`, compiled once."""
+    """`(f(x), reference_jacobian(f, x), reference_laplacian(f, x))`."""
     return f(x), reference_jacobian(f, x), reference_laplacian(f, x)
+
+
+# The same, compiled once per function (`f` is static: pass a hashable callable).
+reference_triple = jax.jit(reference_values, static_argnums=0)
 
 
 def hessian_trace_weighted(

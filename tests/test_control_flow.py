@@ -1,4 +1,4 @@
-"""Control flow inside the function: scan, while_loop, fori_loop, cond, switch, remat, jit.
+"""Control flow inside the function: scan, while, fori_loop, cond, switch, remat, jit.
 
 Each case is compared with `reference_triple` (jax.jacfwd and the trace of
 jax.jacfwd(jax.jacfwd(f)), which handles while_loop as well).
@@ -8,14 +8,19 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
 import fwdlap
-
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    identity_jacobian,
+    reference_triple,
+    reference_values,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 W = np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8]])
@@ -110,7 +115,7 @@ def _while(x: jax.Array) -> jax.Array:
         i, v = c
         return i + 1, jnp.sin(W @ v) + x * v
 
-    _, v = lax.while_loop(cond, body, (0, x))
+    _, v = lax.while_loop(cond, body, (jnp.asarray(0), x))
     return v
 
 
@@ -122,7 +127,7 @@ def _while_data_dependent(x: jax.Array) -> jax.Array:
     def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         return c[0] + 1, c[1] * (1.5 + 0.1 * jnp.tanh(x))
 
-    n, v = lax.while_loop(cond, body, (0, x + 1.0))
+    n, v = lax.while_loop(cond, body, (jnp.asarray(0), x + 1.0))
     return v * n
 
 
@@ -131,7 +136,7 @@ def _while_const_only(x: jax.Array) -> jax.Array:
     def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         return c[0] + 1, c[1] * jnp.cos(x) + x**2
 
-    _, out = lax.while_loop(lambda c: c[0] < 4, body, (0, jnp.ones(3)))
+    _, out = lax.while_loop(lambda c: c[0] < 4, body, (jnp.asarray(0), jnp.ones(3)))
     return out
 
 
@@ -316,7 +321,7 @@ def test_fori_loop_dynamic_bounds(bounds: tuple[int, int]) -> None:
 
     @jax.jit
     def reference(x: jax.Array, lower: jax.Array, upper: jax.Array) -> Any:
-        return reference_triple.__wrapped__(lambda v: _fori_dynamic(v, lower, upper), x)
+        return reference_values(lambda v: _fori_dynamic(v, lower, upper), x)
 
     jaxpr = jax.make_jaxpr(run)(x, lower, upper)
     assert "while" in str(jaxpr)
@@ -343,3 +348,112 @@ def test_loops_keep_forward_laplacian_inside() -> None:
         assert len(eqns) == 1
         out_shapes = [tuple(v.aval.shape) for v in eqns[0].outvars]
         assert (3, 3) in out_shapes  # the carried jacobian
+
+
+# --- a second argument with its own seeding through control flow ---------------------
+
+Y = np.array([0.5, -0.2, 0.9, 0.4])
+
+
+def _two_scan(x: jax.Array, y: jax.Array) -> jax.Array:
+    def body(c: jax.Array, yi: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return c * jnp.tanh(yi + c[0]) + x, c * yi
+
+    c, ys = lax.scan(body, x, y)
+    return c * ys.sum(0)
+
+
+def _two_scan_carry_from_y(x: jax.Array, y: jax.Array) -> jax.Array:
+    def body(c: jax.Array, xi: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.sin(c) * xi + c**2, c[0]
+
+    c, ys = lax.scan(body, y[:3], x)
+    return c + ys
+
+
+def _two_while(x: jax.Array, y: jax.Array) -> jax.Array:
+    def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i, v = c
+        return i + 1, jnp.sin(v * y[i]) + x * y[0]
+
+    return lax.while_loop(lambda c: c[0] < 3, body, (jnp.asarray(0), x))[1]
+
+
+def _two_cond(x: jax.Array, y: jax.Array) -> jax.Array:
+    return lax.cond(y[0] > 0, lambda a, b: jnp.sin(a) * b[1], lambda a, b: a, x, y)
+
+
+def _two_jit_remat(x: jax.Array, y: jax.Array) -> jax.Array:
+    a = jax.jit(lambda a, b: jnp.tanh(a * b[:3]) * b[3])(x, y)
+    return jax.checkpoint(lambda a, b: a * jnp.exp(b[:3]))(a, y)
+
+
+TWO_ARG = [_two_scan, _two_scan_carry_from_y, _two_while, _two_cond, _two_jit_remat]
+
+
+@pytest.mark.parametrize("fun", TWO_ARG, ids=lambda f: f.__name__[5:])
+@pytest.mark.parametrize("seeding", ["laplacian_only", "both"])
+def test_second_argument_seeding(fun: Callable[..., jax.Array], seeding: str) -> None:
+    # x is seeded with unit directions and a laplacian; y with a laplacian only, or with
+    # its own directions as well. Expected, from forward-mode Hessian blocks:
+    #   lap = sum_k [v_k^T H_xx v_k + 2 v_k^T H_xy w_k + w_k^T H_yy w_k]
+    #         + J_x L_x + J_y L_y
+    x, y = jnp.asarray(X), jnp.asarray(Y)
+    v = jnp.eye(3)
+    w = jnp.zeros((3, 4))
+    if seeding == "both":
+        w = jnp.stack([0.2 * jnp.ones(4), jnp.arange(4.0), -jnp.ones(4)])
+    lap_x, lap_y = jnp.array([0.1, -0.2, 0.3]), jnp.array([0.3, 0.1, -0.5, 0.8])
+    jac_y = w if seeding == "both" else None
+
+    @jax.jit
+    def run(x: jax.Array, y: jax.Array) -> Any:
+        return fwdlap.lap(fun, (x, y), (v, jac_y), (lap_x, lap_y))
+
+    @jax.jit
+    def reference(x: jax.Array, y: jax.Array) -> Any:
+        jx, jy = jax.jacfwd(fun, 0)(x, y), jax.jacfwd(fun, 1)(x, y)
+        hxx = jax.jacfwd(jax.jacfwd(fun, 0), 0)(x, y)
+        hxy = jax.jacfwd(jax.jacfwd(fun, 0), 1)(x, y)
+        hyy = jax.jacfwd(jax.jacfwd(fun, 1), 1)(x, y)
+        lap = (
+            jnp.einsum("ki,oij,kj->o", v, hxx, v)
+            + 2 * jnp.einsum("ki,oij,kj->o", v, hxy, w)
+            + jnp.einsum("ki,oij,kj->o", w, hyy, w)
+            + jx @ lap_x
+            + jy @ lap_y
+        )
+        return fun(x, y), (jx @ v.T + jy @ w.T).T, lap
+
+    got, ref = run(x, y), reference(x, y)
+    for a, b in zip(got, ref, strict=True):
+        assert tree_allclose(a, b)
+
+
+# --- call-like primitives ------------------------------------------------------------
+
+
+CALLS = [
+    Case(
+        "named_call", lambda x: jax.named_call(lambda v: jnp.sin(v) * v[0], name="f")(x)
+    ),
+    Case("optimization_barrier", lambda x: lax.optimization_barrier(jnp.sin(x)) * x),
+    Case(
+        "checkpoint_name",
+        lambda x: jax.ad_checkpoint.checkpoint_name(jnp.sin(x), "s") * x,
+    ),
+    Case(
+        "jit_inside_scan",
+        lambda x: lax.scan(lambda c, xi: (jax.jit(jnp.sin)(c) * xi, c), x, x)[0],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CALLS, ids=[c.name for c in CALLS])
+def test_call_like_primitives(case: Case) -> None:
+    x = jnp.asarray(X)
+    out, jac, lap = _lap_full(case.fun, x)
+    ref_out, ref_jac, ref_lap = reference_triple(case.fun, x)
+    assert tree_allclose(out, ref_out)
+    assert tree_allclose(jac, ref_jac)
+    assert tree_allclose(lap, ref_lap)

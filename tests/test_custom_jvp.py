@@ -3,6 +3,7 @@
 References: `reference_triple` (jax.jacfwd, which also goes through the custom rule).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-
 from helpers import identity_jacobian, reference_triple, tree_allclose
 
 X = np.array([0.3, -0.7, 1.1])
@@ -82,6 +82,17 @@ def _clipped_log_jvp(primals: Any, tangents: Any) -> tuple[jax.Array, jax.Array]
     return _clipped_log(x), jax.nn.sigmoid(x) * t
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _power_of_sin(x: jax.Array, k: int) -> jax.Array:
+    return jnp.sin(x) ** k
+
+
+@_power_of_sin.defjvp
+def _power_of_sin_jvp(k: int, primals: Any, tangents: Any) -> tuple[jax.Array, Any]:
+    (x,), (t,) = primals, tangents
+    return _power_of_sin(x, k), k * jnp.sin(x) ** (k - 1) * jnp.cos(x) * t
+
+
 CASES: list[tuple[str, Callable[[jax.Array], Any]]] = [
     ("relu", lambda x: jax.nn.relu(x) * x),
     ("relu6", lambda x: jax.nn.relu6(3 * x) ** 2),
@@ -94,6 +105,7 @@ CASES: list[tuple[str, Callable[[jax.Array], Any]]] = [
     ("user_two_args", lambda x: _two_args(x, x[::-1] ** 2)),
     ("user_one_arg_constant", lambda x: _two_args(x, jnp.ones(3))),
     ("user_nested_in_rule", lambda x: _clipped_log(_smooth_abs(x))),
+    ("user_nondiff_argnums", lambda x: _power_of_sin(x * x[0], 3)),
     ("under_jit", lambda x: jax.jit(lambda v: _smooth_abs(v) * jax.nn.silu(v))(x)),
     (
         "inside_scan",

@@ -14,7 +14,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-
 from helpers import identity_jacobian, reference_triple, tree_allclose
 
 X = np.array([0.3, -0.7, 1.1])
@@ -69,13 +68,18 @@ COMPLEX_OUT: list[tuple[str, Callable[[jax.Array], Any]]] = [
     ("plane_waves", lambda x: jnp.exp(1j * (jnp.asarray(W) @ x)) / (1.0 + x[1] ** 2)),
     ("complex_scalar", lambda x: jnp.sum(jnp.exp(1j * x)) * jnp.sin(x[2] + 1j * x[0])),
     ("abs_of_complex", lambda x: jnp.abs(jnp.sum(jnp.exp(1j * x * x[1]))) ** 2),
-    ("real_imag", lambda x: jnp.real(jnp.exp((1 + 2j) * x)) * jnp.imag(jnp.cos(1j + x))),
+    (
+        "real_imag",
+        lambda x: jnp.real(jnp.exp((1 + 2j) * x)) * jnp.imag(jnp.cos(1j + x)),
+    ),
     ("complex_tanh_log", lambda x: jnp.log(jnp.tanh(x + 1j) + 2.0)),
     ("complex_matmul", lambda x: ((jnp.asarray(W) + 1j) @ jnp.exp(1j * x)) * x[0]),
 ]
 
 
-@pytest.mark.parametrize("fun", [c[1] for c in COMPLEX_OUT], ids=[c[0] for c in COMPLEX_OUT])
+@pytest.mark.parametrize(
+    "fun", [c[1] for c in COMPLEX_OUT], ids=[c[0] for c in COMPLEX_OUT]
+)
 def test_complex_outputs(fun: Callable[[jax.Array], Any]) -> None:
     # Real input, complex intermediates and outputs: jacfwd handles this directly.
     x = jnp.asarray(X)
@@ -104,7 +108,9 @@ HOLOMORPHIC: list[tuple[str, Callable[[jax.Array], jax.Array]]] = [
 ]
 
 
-@pytest.mark.parametrize("fun", [c[1] for c in HOLOMORPHIC], ids=[c[0] for c in HOLOMORPHIC])
+@pytest.mark.parametrize(
+    "fun", [c[1] for c in HOLOMORPHIC], ids=[c[0] for c in HOLOMORPHIC]
+)
 def test_complex_inputs_holomorphic(fun: Callable[[jax.Array], jax.Array]) -> None:
     z = jnp.asarray(X + 1j * np.array([0.2, 0.5, -0.4]))
     out, jac, lap = _jit_lap(fun, z)
@@ -131,7 +137,9 @@ def test_integer_argument(tangent: str) -> None:
         jac_k = np.zeros((n, *k.shape), jax.dtypes.float0)
         lap_k = np.zeros(k.shape, jax.dtypes.float0)
     out, jac, lap = jax.jit(
-        lambda x, k, jk, lk: fwdlap.lap(_with_int, (x, k), (identity_jacobian(x), jk), (None, lk))
+        lambda x, k, jk, lk: fwdlap.lap(
+            _with_int, (x, k), (identity_jacobian(x), jk), (None, lk)
+        )
     )(x, k, jac_k, lap_k)
     ref_out, ref_jac, ref_lap = reference_triple(lambda x: _with_int(x, k), x)
     assert tree_allclose(out, ref_out)

@@ -15,12 +15,13 @@ import pytest
 from jax import lax
 
 import fwdlap
-
-from helpers import identity_jacobian, tree_allclose
+from helpers import identity_jacobian, reference_triple, tree_allclose
 
 X = np.array([0.3, -0.7, 1.1])
 PARAMS = {
-    "w1": np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8], [0.4, 0.4, 0.1]]),
+    "w1": np.array(
+        [[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8], [0.4, 0.4, 0.1]]
+    ),
     "b1": np.array([0.1, -0.2, 0.05, 0.3]),
     "w2": np.array([0.5, -1.0, 0.7, 0.2]),
 }
@@ -60,7 +61,9 @@ def _fwdlap_kinetic(p: dict[str, jax.Array], x: jax.Array, model: Model) -> jax.
     return -0.5 * (lap + jnp.sum(jac**2))
 
 
-def _reference_kinetic(p: dict[str, jax.Array], x: jax.Array, model: Model) -> jax.Array:
+def _reference_kinetic(
+    p: dict[str, jax.Array], x: jax.Array, model: Model
+) -> jax.Array:
     f = lambda x: model(p, x)
     hess = jax.hessian(f)(x)
     grad = jax.jacfwd(f)(x)
@@ -104,8 +107,12 @@ def test_grad_wrt_batch_mean() -> None:
 def test_jvp_wrt_other_input(model: Model) -> None:
     # Forward mode with respect to the parameters, through the Laplacian in x.
     p, x = _params(), jnp.asarray(X)
-    dp = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size) + 1.0).reshape(a.shape), p)
-    run = jax.jit(lambda p, dp: jax.jvp(lambda p: _fwdlap_kinetic(p, x, model), (p,), (dp,)))
+    dp = jax.tree_util.tree_map(
+        lambda a: jnp.cos(jnp.arange(a.size) + 1.0).reshape(a.shape), p
+    )
+    run = jax.jit(
+        lambda p, dp: jax.jvp(lambda p: _fwdlap_kinetic(p, x, model), (p,), (dp,))
+    )
     ref = jax.jit(
         lambda p, dp: jax.jvp(lambda p: _reference_kinetic(p, x, model), (p,), (dp,))
     )
@@ -121,7 +128,9 @@ def test_grad_wrt_x_third_order() -> None:
         return fwdlap.lap(f, (x,), (identity_jacobian(x),), (None,))[2]
 
     grad = jax.jit(jax.grad(lap_of))(x)
-    ref = jax.jit(jax.grad(lambda x: jnp.trace(jax.hessian(lambda x: _mlp(p, x))(x))))(x)
+    ref = jax.jit(jax.grad(lambda x: jnp.trace(jax.hessian(lambda x: _mlp(p, x))(x))))(
+        x
+    )
     assert tree_allclose(grad, ref)
 
 
@@ -134,7 +143,9 @@ def test_lap_of_lap() -> None:
         return fwdlap.lap(f, (x,), (identity_jacobian(x),), (None,))[2]
 
     x = jnp.asarray(X)
-    _, _, bilap = jax.jit(lambda x: fwdlap.lap(lap_f, (x,), (identity_jacobian(x),), (None,)))(x)
+    _, _, bilap = jax.jit(
+        lambda x: fwdlap.lap(lap_f, (x,), (identity_jacobian(x),), (None,))
+    )(x)
     lap_ref = lambda x: jnp.trace(jax.hessian(f)(x))
     ref = jax.jit(lambda x: jnp.trace(jax.hessian(lap_ref)(x)))(x)
     assert tree_allclose(bilap, ref)
@@ -155,3 +166,32 @@ def test_jacobian_wrt_params_of_jacobian_output() -> None:
     got = jax.jit(jax.jacrev(jac_of))(p)
     ref = jax.jit(jax.jacrev(ref_jac_of))(p)
     assert tree_allclose(got, ref)
+
+
+INNER: list[tuple[str, Callable[[jax.Array], Any]]] = [
+    ("jvp", lambda x: jax.jvp(lambda v: jnp.sin(v) * v[0], (x,), (x**2,))[1]),
+    ("grad", lambda x: jax.grad(lambda v: jnp.sum(jnp.tanh(v) ** 2 * v[0]))(x)),
+    ("vjp", lambda x: jax.vjp(lambda v: jnp.sin(v) * v[1], x)[1](jnp.cos(x))[0]),
+    ("linearize", lambda x: jax.linearize(lambda v: jnp.exp(v) * v[2], x)[1](x)),
+    (
+        "lap_in_vmap",
+        lambda x: jax.vmap(
+            lambda v: fwdlap.lap(
+                lambda u: jnp.sin(u * x[0]) ** 2, (v,), (jnp.eye(3),), (None,)
+            )[2]
+        )(jnp.stack([x, x**2])),
+    ),
+]
+
+
+@pytest.mark.parametrize("fun", [c[1] for c in INNER], ids=[c[0] for c in INNER])
+def test_derivatives_inside_fun(fun: Callable[[jax.Array], Any]) -> None:
+    # Other JAX transformations (and fwdlap itself) nested inside the function.
+    x = jnp.asarray(X)
+    out, jac, lap = jax.jit(
+        lambda x: fwdlap.lap(fun, (x,), (identity_jacobian(x),), (None,))
+    )(x)
+    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
+    assert tree_allclose(out, ref_out)
+    assert tree_allclose(jac, ref_jac)
+    assert tree_allclose(lap, ref_lap)

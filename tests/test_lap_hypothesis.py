@@ -16,8 +16,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fwdlap
-
-from helpers import hessian_trace_weighted, identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    hessian_trace_weighted,
+    identity_jacobian,
+    reference_triple,
+    tree_allclose,
+)
 
 M = np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8]])
 
@@ -84,7 +88,9 @@ inputs = st.lists(
 
 def _well_behaved(tree: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(tree)
-    return all(bool(jnp.all(jnp.isfinite(a)) and jnp.all(jnp.abs(a) < 1e6)) for a in leaves)
+    return all(
+        bool(jnp.all(jnp.isfinite(a)) and jnp.all(jnp.abs(a) < 1e6)) for a in leaves
+    )
 
 
 _lap_full = jax.jit(

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import fwdlap
-
 from helpers import identity_jacobian, jaxpr_shapes, reference_triple, tree_allclose
 
 X = np.array([0.3, -0.7, 1.1])

@@ -12,7 +12,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-
 from helpers import identity_jacobian, reference_triple, tree_allclose
 
 N = 7  # coordinates; 7 = 2 * 3 + 1 does not divide into blocks of 3
@@ -60,7 +59,7 @@ def test_lap_partial_eager_and_input_laplacian() -> None:
 
 
 def test_lap_pe_through_jit() -> None:
-    # lap_pe is a jax.tree_util.Partial: a pytree that can be passed to a jitted function.
+    # lap_pe is a jax.tree_util.Partial: a pytree that a jitted function can take.
     x = jnp.asarray(X)
     eye = identity_jacobian(x)
     out, lap_pe = fwdlap.lap_partial(_f, (x,), (eye,), (None,))

@@ -16,7 +16,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-
 from helpers import (
     hessian_trace_weighted,
     identity_jacobian,

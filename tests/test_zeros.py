@@ -15,7 +15,6 @@ from jax import lax
 
 import fwdlap
 from fwdlap._core import LapTracer
-
 from helpers import identity_jacobian, jaxpr_shapes, reference_triple, tree_allclose
 
 X = np.array([0.3, -0.7, 1.1])
@@ -28,7 +27,7 @@ def _two_arg(x: jax.Array, y: jax.Array) -> jax.Array:
     """(3,), (5, 4) -> (5,): y enters through many primitives, several of them
     bilinear with x-dependent values and inside control flow."""
     h = jnp.tanh(y @ (W @ x))  # (5,)
-    h = h * jnp.sum(jnp.sin(y), axis=1) + jnp.exp(-y[:, 0] ** 2) / (1 + x[0] ** 2)
+    h = h * jnp.sum(jnp.sin(y), axis=1) + jnp.exp(-(y[:, 0] ** 2)) / (1 + x[0] ** 2)
     h = jax.jit(lambda a, b: a * jnp.cos(b[:, 1]))(h, y)
     h = lax.cond(x[1] < 0, lambda a, b: a + b[:, 2] * a, lambda a, b: a, h, y)
     h, _ = lax.scan(lambda c, row: (c * jnp.tanh(row[0]) + c**2 * 0.1, None), h, y.T)
@@ -110,7 +109,9 @@ _OUTPUT_CASES: list[tuple[str, Callable[[jax.Array, jax.Array], Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("fun", [c[1] for c in _OUTPUT_CASES], ids=[c[0] for c in _OUTPUT_CASES])
+@pytest.mark.parametrize(
+    "fun", [c[1] for c in _OUTPUT_CASES], ids=[c[0] for c in _OUTPUT_CASES]
+)
 def test_independent_outputs_are_dense_zeros(
     fun: Callable[[jax.Array, jax.Array], Any],
 ) -> None:
@@ -144,7 +145,9 @@ def test_laplacian_only_argument() -> None:
     x, y = jnp.asarray(X), jnp.asarray(Y)
     lap_y = jnp.asarray(np.linspace(-1.0, 1.0, y.size).reshape(y.shape))
     out, jac, lap = jax.jit(
-        lambda x, y, ly: fwdlap.lap(_two_arg, (x, y), (identity_jacobian(x), None), (None, ly))
+        lambda x, y, ly: fwdlap.lap(
+            _two_arg, (x, y), (identity_jacobian(x), None), (None, ly)
+        )
     )(x, y, lap_y)
     fx = lambda x: _two_arg(x, y)
     ref_out, ref_jac, ref_lap = reference_triple(fx, x)

@@ -36,10 +36,39 @@ def zero_jacobian(primal: Any, n: int) -> Any:
 
 
 def zero_tangent_from_primal(primal: Any, jsize: int | None = None) -> Any:
-    """A symbolic zero tangent for `primal`.
+    """A symbolic zero tangent for `primal`: zero without storing any zeros.
 
-    With `jsize=None` this is a zero laplacian (the primal's shape); with an integer
-    `jsize` it is a zero jacobian with a leading axis of `jsize` directions.
+    Pass it to `fwdlap.lap` (or `lap_partial`) wherever an input's jacobian or
+    laplacian is zero. The trace never instantiates it, so work that would only
+    multiply zeros is skipped entirely; a symbolic zero is also a valid argument of a
+    `jax.jit`-compiled function (it is a pytree with no leaves). It is what
+    `fwdlap.Zero.from_value` returns, and `None` means the same in the pytree API.
+
+    **Arguments:**
+
+    - `primal`: the value (array, scalar or tracer) whose tangent is zero. Integer and
+        boolean primals get a `float0` zero, as in `jax.jvp`.
+    - `jsize`: `None` for a zero laplacian, shaped like `primal`; an integer $n$ for a
+        zero jacobian with a leading axis of $n$ directions, shaped `(n, *primal.shape)`.
+
+    **Returns:**
+
+    A `jax.interpreters.ad.Zero` carrying only the shape and dtype of the tangent
+    (`isinstance(z, fwdlap.Zero)` is true).
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import fwdlap
+
+    x = jnp.ones(3)
+    zero_lap = fwdlap.zero_tangent_from_primal(x)
+    zero_jac = fwdlap.zero_tangent_from_primal(x, 3)
+    _, _, lap = fwdlap.lap(lambda y: jnp.sum(y**3), (x,), (jnp.eye(3),), (zero_lap,))
+    assert zero_jac.aval.shape == (3, 3)
+    assert jnp.allclose(lap, 18.0)
+    ```
     """
     return zero_laplacian(primal) if jsize is None else zero_jacobian(primal, jsize)
 

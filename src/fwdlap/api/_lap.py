@@ -73,9 +73,10 @@ def lap(
     $$
 
     where $J$ and $\nabla^2 f$ are the jacobian and Hessian of `fun` at `primals`. With
-    the $n$ unit vectors as directions and a zero input laplacian, the second output is
-    the Laplacian $\nabla^2 f = \operatorname{tr} \nabla^2 f$ and the first is the full
-    jacobian, at the cost of one forward pass rather than $n$ Hessian-vector products.
+    the $n$ unit vectors as directions and a zero input laplacian, `laplacians_out` is
+    the Laplacian $\Delta f = \operatorname{tr} \nabla^2 f$ and `jacobians_out` is the
+    full jacobian (directions first), at the cost of one forward pass rather than $n$
+    Hessian-vector products.
     The laplacian input lets a Laplacian flow through a composition: feed in the
     outputs of an inner `lap` call and get the Laplacian of the composite function.
 

@@ -431,9 +431,10 @@ def laplacian(
         inverse particle masses), or a $d \times d$ matrix $A$ for
         $\operatorname{tr}(A \nabla^2 f)$ (anisotropic diffusion). $A$ may be
         indefinite; only its symmetric part matters, as the Hessian is symmetric.
-        Coordinates are ordered as described in the module docstring.
+        Coordinates are ordered as `jax.flatten_util.ravel_pytree` orders them: the
+        chosen arguments' leaves in `jax.tree_util` order, each leaf row-major.
     - `chunk_size`: if given, the tangent directions are evaluated in blocks of this
-        many inside a `jax.lax.fori_loop` (through `fwdlap.lap_partial`, so the primal
+        many inside a `jax.lax.scan` (through `fwdlap.lap_partial`, so the primal
         is computed once). The number of directions need not be a multiple of it (the
         last block is padded with zero directions). XLA's temporary memory then scales
         with `chunk_size` instead of with $d$, at the price of a sequential loop.
@@ -567,7 +568,7 @@ def value_grad_and_laplacian(
     import jax.numpy as jnp
     import fwdlap
 
-    log_psi = lambda r: -jnp.sqrt(jnp.sum(r**2))   # hydrogen ground state, |psi|
+    log_psi = lambda r: -jnp.sqrt(jnp.sum(r**2))   # hydrogen ground state, log|psi|
     r = jnp.array([0.3, -0.4, 1.2])
     f, g, lap = fwdlap.value_grad_and_laplacian(log_psi)(r)
     kinetic = -0.5 * (lap + jnp.sum(g**2))         # -1/2 (lap psi) / psi
