@@ -13,7 +13,12 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    identity_jacobian,
+    reference_triple,
+    reference_values,
+    tree_allclose,
+)
 
 W = np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8], [0.4, 0.4, 0.1]])
 BATCH = np.array(

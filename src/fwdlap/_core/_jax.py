@@ -173,3 +173,6 @@ def custom_jvp_call_src_info(fun: Any) -> str | None:
     """The "name at file:line" source info that JAX recorded for a custom_jvp call."""
     dbg = getattr(fun, "debug_info", None)
     return getattr(dbg, "func_src_info", None)
+
+# A cache keyed weakly on its first argument (a jaxpr), as JAX caches `jvp_jaxpr`.
+from jax._src.util import weakref_lru_cache  # noqa: E402

@@ -225,10 +225,31 @@ def lap_jaxpr(
     The new jaxpr's binders are `[*primals, *nonzero_jacs, *nonzero_laps]` and it
     returns `[*primal_outs, *nonzero_jac_outs, *nonzero_lap_outs]`. Also returns which
     output jacobians and laplacians are non-zero.
+
+    Results are cached per jaxpr (weakly) and arguments: returning the same jaxpr
+    object lets `jit` reuse its compiled executable on repeated eager calls.
     """
     num_out = len(closed.out_avals)
-    inst_jac = _as_list(instantiate_jac, num_out)
-    inst_lap = _as_list(instantiate_lap, num_out)
+    new_jaxpr, out_jac, out_lap = _lap_jaxpr_cached(
+        closed,
+        n,
+        tuple(jac_nz),
+        tuple(lap_nz),
+        tuple(_as_list(instantiate_jac, num_out)),
+        tuple(_as_list(instantiate_lap, num_out)),
+    )
+    return new_jaxpr, list(out_jac), list(out_lap)
+
+
+@_jax.weakref_lru_cache
+def _lap_jaxpr_cached(
+    closed: Any,
+    n: int,
+    jac_nz: tuple[bool, ...],
+    lap_nz: tuple[bool, ...],
+    inst_jac: tuple[bool, ...],
+    inst_lap: tuple[bool, ...],
+) -> tuple[Any, tuple[bool, ...], tuple[bool, ...]]:
     in_avals = list(closed.in_avals)
     jac_avals = [jacobian_aval(a, n) for a, nz in zip(in_avals, jac_nz) if nz]
     lap_avals = [a.to_tangent_aval() for a, nz in zip(in_avals, lap_nz) if nz]
@@ -256,7 +277,7 @@ def lap_jaxpr(
     dbg = closed.jaxpr.debug_info.with_unknown_names()
     wrapped = _jax.wrap_init(body, debug_info=dbg)
     jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(wrapped, avals)
-    return _jax.ClosedJaxpr(jaxpr, consts), store["jac"], store["lap"]
+    return _jax.ClosedJaxpr(jaxpr, consts), tuple(store["jac"]), tuple(store["lap"])
 
 
 def _as_list(flag: bool | Sequence[bool], length: int) -> list[bool]:

@@ -121,7 +121,8 @@ def broadcast_operands(
         if s != shape:
             p = jnp.broadcast_to(p, shape)
             if type(j) is Zero:
-                j = Zero(j.aval.update(shape=(j.aval.shape[0], *shape)))
+                jac_aval: Any = j.aval
+                j = Zero(jac_aval.update(shape=(jac_aval.shape[0], *shape)))
             else:
                 n = j.shape[0]
                 j = jnp.reshape(j, (n, *s) if s else (n,) + (1,) * len(shape))
