@@ -106,8 +106,10 @@ def main() -> None:
     e_ref = reference(params64, batch.astype(jnp.float64))
     error = float(jnp.max(jnp.abs(e_fwdlap - e_ref) / (1 + jnp.abs(e_ref))))
 
-    print(f"Local kinetic energies of {batch.shape[0]} configurations, "
-          f"{N_UP + N_DOWN} electrons")
+    print(
+        f"Local kinetic energies of {batch.shape[0]} configurations, "
+        f"{N_UP + N_DOWN} electrons"
+    )
     for i in range(4):
         print(f"  config {i}: fwdlap {e_fwdlap[i]: .6f}   jax.hessian {e_ref[i]: .6f}")
     print(f"  max relative difference: {error:.2e}")
@@ -118,7 +120,9 @@ def main() -> None:
     print("|-------------|--------------------|")
     print(f"| fwdlap      | {time_call(energies, params, batch):18.3f} |")
     print(f"| jax.hessian | {time_call(reference, params, batch):18.3f} |")
-    print("(both float32, jitted and vmapped; the error is against float64 jax.hessian)")
+    print(
+        "(both float32, jitted and vmapped; the error is against float64 jax.hessian)"
+    )
 
 
 if __name__ == "__main__":

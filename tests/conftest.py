@@ -2,9 +2,9 @@
 
 import os
 
-# Four simulated CPU devices for the sharding tests, and the scheduler flag that avoids a
-# jaxlib CPU-backend hang on small machines (see DESIGN.md). Both must be set before JAX
-# initialises its backend.
+# Four simulated CPU devices for the sharding tests, and the scheduler flag that
+# avoids a jaxlib CPU-backend hang on small machines (see DESIGN.md). Both must be set
+# before JAX initialises its backend.
 _flags = os.environ.get("XLA_FLAGS", "")
 for _flag in (
     "--xla_force_host_platform_device_count=4",

@@ -84,7 +84,7 @@ def init_tracer(tracer: Any, trace: Any, aval: Any) -> None:
     if TRACER_INIT_TAKES_AVAL:
         Tracer.__init__(tracer, trace, aval)
     else:
-        Tracer.__init__(tracer, trace)
+        Tracer.__init__(tracer, trace)  # pyright: ignore[reportCallIssue]
 
 
 def bind_with_trace(primitive: Any, trace: Any, args: Any, params: dict) -> Any:
@@ -99,9 +99,7 @@ def closed_call_primitives() -> tuple[Any, ...]:
     return (primitives.closed_call_p, src_core.call_p)
 
 
-def replace_jaxpr_binders(
-    closed: Any, invars: list[Any], outvars: list[Any]
-) -> Any:
+def replace_jaxpr_binders(closed: Any, invars: list[Any], outvars: list[Any]) -> Any:
     """A `ClosedJaxpr` with its input and output binders reordered."""
     jaxpr = closed.jaxpr.replace(invars=invars, outvars=outvars)
     return ClosedJaxpr(jaxpr, closed.consts)
@@ -111,15 +109,15 @@ def close_jaxpr(jaxpr: Any) -> Any:
     """Close an open jaxpr that has no constvars."""
     return ClosedJaxpr(jaxpr, ())
 
+
 # `add_any` is what JAX's own AD emits to sum tangents; it is linear.
-from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402
-
-
 # --- custom_jvp functions with dedicated rules (fwdlap.register_rule) ---------------
 # `jnp.linalg.slogdet` and `jnp.linalg.det` are jitted wrappers around these private
-# `jax.custom_jvp` objects; fwdlap ships rules for them (rules/linalg.py). `_slogdet_small`
-# (JAX >= 0.10, 1x1 and 2x2 closed forms) is left to the generic path: it is already cheap.
+# `jax.custom_jvp` objects; fwdlap ships rules for them (rules/linalg.py).
+# `_slogdet_small` (JAX >= 0.10, 1x1 and 2x2 closed forms) is left to the generic
+# path: it is already cheap.
 from jax._src import api_util as _api_util  # noqa: E402
+from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402, F401
 from jax._src.numpy import linalg as _np_linalg  # noqa: E402
 
 fun_sourceinfo = _api_util.fun_sourceinfo
@@ -150,7 +148,8 @@ def custom_jvp_call_target(fun: Any) -> tuple[Any, Any]:
     """What the `fun` of a `custom_jvp_call` evaluates.
 
     Returns `(python_function, None)` when `fun` is the custom_jvp function's own Python
-    function, only wrapped to flatten its outputs (a direct call); `(None, closed_jaxpr)`
+    function, only wrapped to flatten its outputs (a direct call);
+    `(None, closed_jaxpr)`
     when `fun` evaluates a jaxpr (the call was staged into a jaxpr first, as inside
     `jax.jit`); `(None, None)` otherwise.
     """
@@ -174,5 +173,6 @@ def custom_jvp_call_src_info(fun: Any) -> str | None:
     dbg = getattr(fun, "debug_info", None)
     return getattr(dbg, "func_src_info", None)
 
+
 # A cache keyed weakly on its first argument (a jaxpr), as JAX caches `jvp_jaxpr`.
-from jax._src.util import weakref_lru_cache  # noqa: E402
+from jax._src.util import weakref_lru_cache as weakref_lru_cache  # noqa: E402

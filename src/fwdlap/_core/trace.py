@@ -1,9 +1,9 @@
 """The forward-Laplacian tracer: a JAX `Trace`/`Tracer` pair.
 
-A `LapTracer` carries `(primal, jacobian, laplacian)`. The jacobian has a leading axis of
-`n` tangent directions; the laplacian has the primal's shape. Either may be a symbolic
-zero (`Zero`), which is never instantiated inside the trace, and a value whose two
-tangents are both zero is never wrapped in a tracer at all.
+A `LapTracer` carries `(primal, jacobian, laplacian)`. The jacobian has a leading
+axis of `n` tangent directions; the laplacian has the primal's shape. Either may be
+a symbolic zero (`Zero`), which is never instantiated inside the trace, and a value
+whose two tangents are both zero is never wrapped in a tracer at all.
 
 The structure follows JAX's own `JVPTrace` (`jax/_src/interpreters/ad.py`).
 """
@@ -251,20 +251,35 @@ def _lap_jaxpr_cached(
     inst_lap: tuple[bool, ...],
 ) -> tuple[Any, tuple[bool, ...], tuple[bool, ...]]:
     in_avals = list(closed.in_avals)
-    jac_avals = [jacobian_aval(a, n) for a, nz in zip(in_avals, jac_nz) if nz]
-    lap_avals = [a.to_tangent_aval() for a, nz in zip(in_avals, lap_nz) if nz]
+    jac_avals = [
+        jacobian_aval(a, n) for a, nz in zip(in_avals, jac_nz, strict=False) if nz
+    ]
+    lap_avals = [
+        a.to_tangent_aval() for a, nz in zip(in_avals, lap_nz, strict=False) if nz
+    ]
     store: dict[str, list[bool]] = {}
 
     def body(*args: Any) -> list[Any]:
         primals = list(args[: len(in_avals)])
         rest = iter(args[len(in_avals) :])
-        jacs = [next(rest) if nz else zero_jacobian(p, n) for p, nz in zip(primals, jac_nz)]
-        laps = [next(rest) if nz else zero_laplacian(p) for p, nz in zip(primals, lap_nz)]
+        jacs = [
+            next(rest) if nz else zero_jacobian(p, n)
+            for p, nz in zip(primals, jac_nz, strict=False)
+        ]
+        laps = [
+            next(rest) if nz else zero_laplacian(p)
+            for p, nz in zip(primals, lap_nz, strict=False)
+        ]
         outs, out_jacs, out_laps = lap_flat(
             _jax.jaxpr_as_fun(closed), primals, jacs, laps, n
         )
-        out_jacs = [instantiate(j) if i else j for j, i in zip(out_jacs, inst_jac)]
-        out_laps = [instantiate(lp) if i else lp for lp, i in zip(out_laps, inst_lap)]
+        out_jacs = [
+            instantiate(j) if i else j for j, i in zip(out_jacs, inst_jac, strict=False)
+        ]
+        out_laps = [
+            instantiate(lp) if i else lp
+            for lp, i in zip(out_laps, inst_lap, strict=False)
+        ]
         store["jac"] = [not is_zero(j) for j in out_jacs]
         store["lap"] = [not is_zero(lp) for lp in out_laps]
         return [
@@ -300,16 +315,28 @@ def lap_partial_flat(
     `(jacobians, laplacians)` (flat lists) to `(jacobians_out, laplacians_out)`, with
     symbolic zeros where the output does not depend on the inputs' tangents.
     """
-    jac_nz = [not is_zero(j) and _is_differentiable(p) for p, j in zip(primals, example_jacobians)]
-    lap_nz = [not is_zero(lp) and _is_differentiable(p) for p, lp in zip(primals, example_laplacians)]
+    jac_nz = [
+        not is_zero(j) and _is_differentiable(p)
+        for p, j in zip(primals, example_jacobians, strict=False)
+    ]
+    lap_nz = [
+        not is_zero(lp) and _is_differentiable(p)
+        for p, lp in zip(primals, example_laplacians, strict=False)
+    ]
     num_in = len(primals)
     store: dict[str, Any] = {}
 
     def body(*args: Any) -> list[Any]:
         ps = list(args[:num_in])
         rest = iter(args[num_in:])
-        jacs = [next(rest) if nz else zero_jacobian(p, n) for p, nz in zip(ps, jac_nz)]
-        laps = [next(rest) if nz else zero_laplacian(p) for p, nz in zip(ps, lap_nz)]
+        jacs = [
+            next(rest) if nz else zero_jacobian(p, n)
+            for p, nz in zip(ps, jac_nz, strict=False)
+        ]
+        laps = [
+            next(rest) if nz else zero_laplacian(p)
+            for p, nz in zip(ps, lap_nz, strict=False)
+        ]
         outs, out_jacs, out_laps = lap_flat(fun, ps, jacs, laps, n)
         store["num_out"] = len(outs)
         store["jac_avals"] = [j.aval if is_zero(j) else None for j in out_jacs]
@@ -323,17 +350,19 @@ def lap_partial_flat(
     pvals = [_jax.PartialVal.known(p) for p in primals]
     pvals += [
         _jax.PartialVal.unknown(jacobian_aval(jax.typeof(p), n))
-        for p, nz in zip(primals, jac_nz)
+        for p, nz in zip(primals, jac_nz, strict=False)
         if nz
     ]
     pvals += [
         _jax.PartialVal.unknown(jax.typeof(p).to_tangent_aval())
-        for p, nz in zip(primals, lap_nz)
+        for p, nz in zip(primals, lap_nz, strict=False)
         if nz
     ]
     dbg = _jax.make_debug_info("lap_partial", fun, tuple(primals), {})
     wrapped = _jax.wrap_init(body, debug_info=dbg.with_unknown_names())
-    jaxpr, out_pvals, consts = _jax.trace_to_jaxpr_nounits(wrapped, pvals, instantiate=False)
+    jaxpr, out_pvals, consts = _jax.trace_to_jaxpr_nounits(
+        wrapped, pvals, instantiate=False
+    )
     num_out = store["num_out"]
     primals_out = [_known_value(pv) for pv in out_pvals[:num_out]]
     tangent_pvals = out_pvals[num_out:]
@@ -368,8 +397,8 @@ def _apply_partial(
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
 ) -> tuple[list[Any], list[Any]]:
-    args = [j for j, nz in zip(jacobians, jac_nz) if nz]
-    args += [lp for lp, nz in zip(laplacians, lap_nz) if nz]
+    args = [j for j, nz in zip(jacobians, jac_nz, strict=False) if nz]
+    args += [lp for lp, nz in zip(laplacians, lap_nz, strict=False) if nz]
     unknown_outs = iter(_jax.eval_jaxpr(jaxpr, consts, *args))
     known_outs = iter(known)
     nonzero = [next(known_outs) if k else next(unknown_outs) for k in known_mask]

@@ -49,7 +49,8 @@ def zero_tangent_from_primal(primal: Any, jsize: int | None = None) -> Any:
     - `primal`: the value (array, scalar or tracer) whose tangent is zero. Integer and
         boolean primals get a `float0` zero, as in `jax.jvp`.
     - `jsize`: `None` for a zero laplacian, shaped like `primal`; an integer $n$ for a
-        zero jacobian with a leading axis of $n$ directions, shaped `(n, *primal.shape)`.
+        zero jacobian with a leading axis of $n$ directions, shaped
+        `(n, *primal.shape)`.
 
     **Returns:**
 
@@ -76,7 +77,7 @@ def zero_tangent_from_primal(primal: Any, jsize: int | None = None) -> Any:
 def instantiate(x: Any) -> Any:
     """Turn a symbolic zero into a dense array of zeros (under the current trace)."""
     if type(x) is Zero:
-        aval = x.aval
+        aval: Any = x.aval
         if aval.dtype == jax.dtypes.float0:
             return np.zeros(aval.shape, jax.dtypes.float0)
         return jnp.zeros(aval.shape, aval.dtype)
@@ -86,7 +87,7 @@ def instantiate(x: Any) -> Any:
 def num_directions(jacobians: Any) -> int:
     """The shared number of directions n from a list of jacobians (arrays or zeros)."""
     for j in jacobians:
-        shape = j.aval.shape if type(j) is Zero else jnp.shape(j)
+        shape = j.aval.shape if type(j) is Zero else jnp.shape(j)  # type: ignore[union-attr]
         return shape[0]
     raise ValueError("fwdlap: cannot infer the number of directions from no inputs.")
 
@@ -98,7 +99,6 @@ def add(x: Any, y: Any) -> Any:
     if type(y) is Zero:
         return x
     return x + y
-
 
 
 def broadcast_operands(

@@ -33,8 +33,9 @@ def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
     `primals` is the list of the primitive's inputs and `params` its parameters.
     `jacobians[i]` has shape `(n, *primals[i].shape)`: a leading axis of `n` tangent
     directions. `laplacians[i]` has the shape of `primals[i]`. Either may be a symbolic
-    zero, a `fwdlap.Zero` (test with `isinstance(t, fwdlap.Zero)`), for inputs that do not
-    depend on the differentiated variables; the rule may return `fwdlap.Zero` too. For
+    zero, a `fwdlap.Zero` (test with `isinstance(t, fwdlap.Zero)`), for inputs that
+    do not depend on the differentiated variables; the rule may return `fwdlap.Zero`
+    too. For
     an input $x$ with jacobian $J$ and laplacian $L$ and an output $y = f(x)$, the rule
     returns $y$, the jacobian $J_y[k] = f'(x)\,J[k]$ and the laplacian
     $L_y = \sum_k f''(x)[J[k], J[k]] + f'(x)\,L$ (with several inputs, $f''$ includes

@@ -22,7 +22,9 @@ from ..zeros import (
 )
 
 
-def _apply_to_directions(primitive: Any, ja: Any, jb: Any, a: Any, b: Any, params: dict[str, Any]) -> Any:
+def _apply_to_directions(
+    primitive: Any, ja: Any, jb: Any, a: Any, b: Any, params: dict[str, Any]
+) -> Any:
     """f(J_a[k], b) + f(a, J_b[k]) for every direction k."""
     out = None
     if not is_zero(ja):
@@ -33,7 +35,9 @@ def _apply_to_directions(primitive: Any, ja: Any, jb: Any, a: Any, b: Any, param
     return out
 
 
-def _first_order(primitive: Any, ta: Any, tb: Any, a: Any, b: Any, params: dict[str, Any], zero: Any) -> Any:
+def _first_order(
+    primitive: Any, ta: Any, tb: Any, a: Any, b: Any, params: dict[str, Any], zero: Any
+) -> Any:
     out = zero
     if not is_zero(ta):
         out = add(out, primitive.bind(ta, b, **params))
@@ -42,7 +46,12 @@ def _first_order(primitive: Any, ta: Any, tb: Any, a: Any, b: Any, params: dict[
     return out
 
 
-def mul_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+def mul_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    **params: Any,
+):
     # A rank-0 operand broadcasts in the primitive but not in the jacobian algebra.
     primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
@@ -66,7 +75,12 @@ def _shifted_dims(dimension_numbers: Any) -> Any:
     return ((0, *shift(lc)), (0, *shift(rc))), (shift(lb), shift(rb))
 
 
-def dot_general_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+def dot_general_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    **params: Any,
+):
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.dot_general_p
     out = prim.bind(a, b, **params)
@@ -76,12 +90,23 @@ def dot_general_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacian
         jac_out = zero_jacobian(out, num_directions(jacobians))
     lap_out = _first_order(prim, la, lb, a, b, params, zero)
     if not is_zero(ja) and not is_zero(jb):
-        cross = prim.bind(ja, jb, **dict(params, dimension_numbers=_shifted_dims(params["dimension_numbers"])))
+        cross = prim.bind(
+            ja,
+            jb,
+            **dict(
+                params, dimension_numbers=_shifted_dims(params["dimension_numbers"])
+            ),
+        )
         lap_out = add(lap_out, 2 * cross)
     return out, jac_out, lap_out
 
 
-def conv_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+def conv_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    **params: Any,
+):
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.conv_general_dilated_p
     out = prim.bind(a, b, **params)

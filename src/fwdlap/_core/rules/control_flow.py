@@ -26,14 +26,22 @@ def _nz_values(xs: Sequence[Any]) -> list[Any]:
 
 def _fill(outs: Sequence[Any], nz: Sequence[bool], values: Any, zero: Any) -> list[Any]:
     it = iter(values)
-    return [next(it) if z else zero(o) for o, z in zip(outs, nz)]
+    return [next(it) if z else zero(o) for o, z in zip(outs, nz, strict=False)]
 
 
-def _split_outputs(trace: Any, primals_out: list[Any], rest: Sequence[Any], jac_nz, lap_nz):
+def _split_outputs(
+    trace: Any, primals_out: list[Any], rest: Sequence[Any], jac_nz, lap_nz
+):
     n = trace.n
-    rest = iter(rest)
-    jacs = [next(rest) if nz else zero_jacobian(p, n) for p, nz in zip(primals_out, jac_nz)]
-    laps = [next(rest) if nz else zero_laplacian(p) for p, nz in zip(primals_out, lap_nz)]
+    it = iter(rest)
+    jacs = [
+        next(it) if nz else zero_jacobian(p, n)
+        for p, nz in zip(primals_out, jac_nz, strict=False)
+    ]
+    laps = [
+        next(it) if nz else zero_laplacian(p)
+        for p, nz in zip(primals_out, lap_nz, strict=False)
+    ]
     return jacs, laps
 
 
@@ -56,10 +64,14 @@ def jit_rule(trace: Any, primals, jacobians, laplacians, **params):
         out_layouts=(*params["out_layouts"], *(None,) * extra_out),
         donated_invars=(*params["donated_invars"], *(False,) * extra_in),
     )
-    outs = _jax.jit_p.bind(*primals, *_nz_values(jacobians), *_nz_values(laplacians), **new_params)
+    outs = _jax.jit_p.bind(
+        *primals, *_nz_values(jacobians), *_nz_values(laplacians), **new_params
+    )
     num_out = len(closed.out_avals)
     primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz)
+    jacs, laps = _split_outputs(
+        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
+    )
     return primals_out, jacs, laps
 
 
@@ -86,7 +98,9 @@ def remat_rule(trace: Any, primals, jacobians, laplacians, **params):
     )
     num_out = len(jaxpr.outvars)
     primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz)
+    jacs, laps = _split_outputs(
+        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
+    )
     return primals_out, jacs, laps
 
 
@@ -101,8 +115,8 @@ def cond_rule(trace: Any, primals, jacobians, laplacians, **params):
     jac_nz, lap_nz = _nonzero(op_jacs), _nonzero(op_laps)
     # Union over branches of which outputs carry tangents, then instantiate to it.
     probes = [lap_jaxpr(br, trace.n, jac_nz, lap_nz) for br in branches]
-    out_jac_nz = [any(z) for z in zip(*(p[1] for p in probes))]
-    out_lap_nz = [any(z) for z in zip(*(p[2] for p in probes))]
+    out_jac_nz = [any(z) for z in zip(*(p[1] for p in probes), strict=False)]
+    out_lap_nz = [any(z) for z in zip(*(p[2] for p in probes), strict=False)]
     new_branches = tuple(
         lap_jaxpr(br, trace.n, jac_nz, lap_nz, out_jac_nz, out_lap_nz)[0]
         for br in branches
@@ -116,22 +130,26 @@ def cond_rule(trace: Any, primals, jacobians, laplacians, **params):
     )
     num_out = len(branches[0].out_avals)
     primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz)
+    jacs, laps = _split_outputs(
+        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
+    )
     return primals_out, jacs, laps
 
 
 # --- loops ---------------------------------------------------------------------------
 
 
-def _fixpoint_carry(body: Any, n: int, const_nz, carry_nz, xs_nz, num_carry: int, x_avals):
-    """Grow carry non-zero masks until the body's carry outputs agree with its inputs."""
+def _fixpoint_carry(
+    body: Any, n: int, const_nz, carry_nz, xs_nz, num_carry: int, x_avals
+):
+    """Grow carry non-zero masks until the body's carry outputs match its inputs."""
     jac_c, lap_c = list(carry_nz[0]), list(carry_nz[1])
     for _ in range(len(jac_c) * 2 + 2):
         jac_in = [*const_nz[0], *jac_c, *xs_nz[0]]
         lap_in = [*const_nz[1], *lap_c, *xs_nz[1]]
         _, out_jac, out_lap = lap_jaxpr(body, n, jac_in, lap_in)
-        new_jac = [a or b for a, b in zip(jac_c, out_jac[:num_carry])]
-        new_lap = [a or b for a, b in zip(lap_c, out_lap[:num_carry])]
+        new_jac = [a or b for a, b in zip(jac_c, out_jac[:num_carry], strict=False)]
+        new_lap = [a or b for a, b in zip(lap_c, out_lap[:num_carry], strict=False)]
         if new_jac == jac_c and new_lap == lap_c:
             break
         jac_c, lap_c = new_jac, new_lap
@@ -149,7 +167,11 @@ def _reorder_binders(closed: Any, groups_in: list[int], groups_out: list[int]) -
         for s in sizes:
             blocks.append(vars_[start : start + s])
             start += s
-        p_blocks, j_blocks, l_blocks = blocks[:ng], blocks[ng : 2 * ng], blocks[2 * ng :]
+        p_blocks, j_blocks, l_blocks = (
+            blocks[:ng],
+            blocks[ng : 2 * ng],
+            blocks[2 * ng :],
+        )
         out: list[Any] = []
         for g in range(ng):
             out += p_blocks[g] + j_blocks[g] + l_blocks[g]
@@ -157,24 +179,34 @@ def _reorder_binders(closed: Any, groups_in: list[int], groups_out: list[int]) -
 
     jaxpr = closed.jaxpr
     return _jax.replace_jaxpr_binders(
-        closed, regroup(list(jaxpr.invars), groups_in), regroup(list(jaxpr.outvars), groups_out)
+        closed,
+        regroup(list(jaxpr.invars), groups_in),
+        regroup(list(jaxpr.outvars), groups_out),
     )
 
 
 def _group_sizes(groups: list[tuple[int, list[bool], list[bool]]]) -> list[int]:
-    """Binder sizes in `[P..., J..., L...]` order for groups of (count, jac_nz, lap_nz)."""
-    return [c for c, _, _ in groups] + [sum(j) for _, j, _ in groups] + [sum(lp) for _, _, lp in groups]
+    """Binder sizes in `[P..., J..., L...]` order for (count, jac_nz, lap_nz) groups."""
+    return (
+        [c for c, _, _ in groups]
+        + [sum(j) for _, j, _ in groups]
+        + [sum(lp) for _, _, lp in groups]
+    )
 
 
 def _instantiate_to(xs: Sequence[Any], nz: Sequence[bool]) -> list[Any]:
-    return [instantiate(x) for x, z in zip(xs, nz) if z]
+    return [instantiate(x) for x, z in zip(xs, nz, strict=False) if z]
 
 
 def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
     n = trace.n
     num_consts, num_carry = params["num_consts"], params["num_carry"]
     body = params["jaxpr"]
-    split = lambda xs: (xs[:num_consts], xs[num_consts : num_consts + num_carry], xs[num_consts + num_carry :])
+    split = lambda xs: (
+        xs[:num_consts],
+        xs[num_consts : num_consts + num_carry],
+        xs[num_consts + num_carry :],
+    )
     c_p, k_p, x_p = split(list(primals))
     c_j, k_j, x_j = split(list(jacobians))
     c_l, k_l, x_l = split(list(laplacians))
@@ -185,7 +217,9 @@ def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
     )
     num_ys = len(body.out_avals) - num_carry
     # Carry outputs are instantiated to the fixpoint; ys keep their own sparsity.
-    probe = lap_jaxpr(body, n, [*const_nz[0], *jac_c, *xs_nz[0]], [*const_nz[1], *lap_c, *xs_nz[1]])
+    probe = lap_jaxpr(
+        body, n, [*const_nz[0], *jac_c, *xs_nz[0]], [*const_nz[1], *lap_c, *xs_nz[1]]
+    )
     ys_jac_nz, ys_lap_nz = probe[1][num_carry:], probe[2][num_carry:]
     new_body, _, _ = lap_jaxpr(
         body,
@@ -201,7 +235,9 @@ def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
         (len(x_p), xs_nz[0], xs_nz[1]),
     ]
     groups_out = [(num_carry, jac_c, lap_c), (num_ys, ys_jac_nz, ys_lap_nz)]
-    new_body = _reorder_binders(new_body, _group_sizes(groups_in), _group_sizes(groups_out))
+    new_body = _reorder_binders(
+        new_body, _group_sizes(groups_in), _group_sizes(groups_out)
+    )
     # Scanned jacobians are (n, length, ...); scan needs the length axis first.
     xs_jacs = [jnp.moveaxis(j, 0, 1) for j in _nz_values(x_j)]
     args = [
@@ -244,14 +280,22 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
     num_carry = len(k_p)
     const_nz = (_nonzero(bc_j), _nonzero(bc_l))
     jac_c, lap_c = _fixpoint_carry(
-        body_jaxpr, n, const_nz, (_nonzero(k_j), _nonzero(k_l)), ([], []), num_carry, None
+        body_jaxpr,
+        n,
+        const_nz,
+        (_nonzero(k_j), _nonzero(k_l)),
+        ([], []),
+        num_carry,
+        None,
     )
     new_body, _, _ = lap_jaxpr(
         body_jaxpr, n, [*const_nz[0], *jac_c], [*const_nz[1], *lap_c], jac_c, lap_c
     )
     groups_in = [(body_nconsts, const_nz[0], const_nz[1]), (num_carry, jac_c, lap_c)]
     groups_out = [(num_carry, jac_c, lap_c)]
-    new_body = _reorder_binders(new_body, _group_sizes(groups_in), _group_sizes(groups_out))
+    new_body = _reorder_binders(
+        new_body, _group_sizes(groups_in), _group_sizes(groups_out)
+    )
     new_cond = _cond_ignoring_tangents(cond_jaxpr, cond_nconsts, k_p, jac_c, lap_c, n)
     args = [
         *cc_p,
@@ -276,8 +320,12 @@ def _cond_ignoring_tangents(cond_jaxpr: Any, nconsts: int, carry, jac_c, lap_c, 
     """The loop condition, extended with (unused) tangent carries."""
     avals = list(cond_jaxpr.in_avals)
     carry_avals = [jax.typeof(c) for c in carry]
-    avals += [jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c) if z]
-    avals += [a.to_tangent_aval() for a, z in zip(carry_avals, lap_c) if z]
+    avals += [
+        jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c, strict=False) if z
+    ]
+    avals += [
+        a.to_tangent_aval() for a, z in zip(carry_avals, lap_c, strict=False) if z
+    ]
     num_primal = nconsts + len(carry)
     fun = _jax.jaxpr_as_fun(cond_jaxpr)
 
@@ -285,7 +333,9 @@ def _cond_ignoring_tangents(cond_jaxpr: Any, nconsts: int, carry, jac_c, lap_c, 
         return fun(*args[:num_primal])
 
     dbg = cond_jaxpr.jaxpr.debug_info.with_unknown_names()
-    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(_jax.wrap_init(cond, debug_info=dbg), avals)
+    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
+        _jax.wrap_init(cond, debug_info=dbg), avals
+    )
     return _jax.ClosedJaxpr(jaxpr, consts)
 
 

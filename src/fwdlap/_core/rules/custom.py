@@ -23,8 +23,11 @@ def custom_jvp_rule(
     symbolic_zeros: bool,
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """Forward-Laplacian outputs of a `custom_jvp` function from its JVP rule."""
-    nonzero = [not (is_zero(j) and is_zero(lp)) for j, lp in zip(jacobians, laplacians)]
-    nonzero = [nz and _is_float(p) for nz, p in zip(nonzero, primals)]
+    nonzero = [
+        not (is_zero(j) and is_zero(lp))
+        for j, lp in zip(jacobians, laplacians, strict=False)
+    ]
+    nonzero = [nz and _is_float(p) for nz, p in zip(nonzero, primals, strict=False)]
     num_in = len(primals)
     tangent_avals = [jax.typeof(p).to_tangent_aval() for p in primals]
 
@@ -32,7 +35,7 @@ def custom_jvp_rule(
         ps = list(args[:num_in])
         rest = iter(args[num_in:])
         ts: list[Any] = []
-        for nz, aval in zip(nonzero, tangent_avals):
+        for nz, aval in zip(nonzero, tangent_avals, strict=False):
             if nz:
                 ts.append(next(rest))
             elif symbolic_zeros:
@@ -48,7 +51,7 @@ def custom_jvp_rule(
         return [*primals_out, *tangents_out]
 
     in_avals = [jax.typeof(p) for p in primals]
-    in_avals += [aval for nz, aval in zip(nonzero, tangent_avals) if nz]
+    in_avals += [aval for nz, aval in zip(nonzero, tangent_avals, strict=False) if nz]
     dbg = _jax.make_debug_info("custom_jvp rule", rule_fn, tuple(in_avals), {})
     jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
         _jax.wrap_init(rule_fn, debug_info=dbg.with_unknown_names()), in_avals
@@ -57,7 +60,7 @@ def custom_jvp_rule(
     rule_as_fun = _jax.jaxpr_as_fun(closed)
 
     def jvp_fn(ps: Sequence[Any], ts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        nz_ts = [instantiate(t) for t, nz in zip(ts, nonzero) if nz]
+        nz_ts = [instantiate(t) for t, nz in zip(ts, nonzero, strict=False) if nz]
         outs = rule_as_fun(*ps, *nz_ts)
         half = len(outs) // 2
         return list(outs[:half]), list(outs[half:])

@@ -1,4 +1,4 @@
-"""Elementwise rules: f'(x) J for the jacobian and f''(x) * sum_k J_k^2 for the Laplacian.
+"""Elementwise rules: f'(x) J for the jacobian, f''(x) sum_k J_k^2 for the Laplacian.
 
 Each unary primitive supplies its first and second derivative as functions of the input
 `x` and the output `y` (reusing `y` saves recomputing, e.g., `exp` or `tanh`).
@@ -36,7 +36,12 @@ def sum_squares(jac: Any) -> Any:
 def unary_rule(primitive: Any, derivs: Derivs, real_only: bool = False):
     generic = make_generic(primitive)
 
-    def rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    def rule(
+        primals: Sequence[Any],
+        jacobians: Sequence[Any],
+        laplacians: Sequence[Any],
+        **params: Any,
+    ):
         (x,), (jac,), (lap,) = primals, jacobians, laplacians
         if real_only and jnp.iscomplexobj(x):
             return generic(primals, jacobians, laplacians, **params)
@@ -190,7 +195,12 @@ _DERIVS: dict[str, tuple[Derivs, bool]] = {
 }
 
 
-def div_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+def div_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    **params: Any,
+):
     """x / y, using d2/dxdy = -1/y^2 and d2/dy2 = 2x/y^3."""
     # A rank-0 operand broadcasts in the primitive but not in the jacobian algebra.
     primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
@@ -203,7 +213,11 @@ def div_rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Seque
     zero = Zero(jax.typeof(out).to_tangent_aval())
     # First order: (J_x - out * J_y) / y, with broadcasting over the direction axis.
     num_jac = add(jx, zero if is_zero(jy) else -out * jy)
-    jac_out = zero_jacobian(out, num_directions(jacobians)) if is_zero(num_jac) else num_jac * inv_y
+    jac_out = (
+        zero_jacobian(out, num_directions(jacobians))
+        if is_zero(num_jac)
+        else num_jac * inv_y
+    )
     num_lap = add(lx, zero if is_zero(ly) else -out * ly)
     first = zero if is_zero(num_lap) else num_lap * inv_y
     second = zero

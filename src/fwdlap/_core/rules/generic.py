@@ -80,7 +80,9 @@ def laplacian_from_jvp(
     if lap_nz:
         primals_out, lap_term = jvp_fn(primals, laplacians)
     else:
-        primals_out, lap_term = jvp_fn(primals, [_zero_like_tangent(p) for p in primals])
+        primals_out, lap_term = jvp_fn(
+            primals, [_zero_like_tangent(p) for p in primals]
+        )
     if not jac_nz:
         zero_jacs = [_zero_jac_like(p, jacobians) for p in primals_out]
         return primals_out, zero_jacs, lap_term
@@ -89,25 +91,33 @@ def laplacian_from_jvp(
 
     def one_direction(*v_nz: Any) -> tuple[list[Any], list[Any]]:
         vs: list[Any] = [_zero_like_tangent(p) for p in primals]
-        for i, v in zip(jac_nz, v_nz):
+        for i, v in zip(jac_nz, v_nz, strict=False):
             vs[i] = v
 
         def first_order(*x_nz: Any) -> list[Any]:
             xs = list(primals)
-            for i, x in zip(jac_nz, x_nz):
+            for i, x in zip(jac_nz, x_nz, strict=False):
                 xs[i] = x
             _, tangents = jvp_fn(xs, vs)
             flags["first_zero"] = [is_zero(t) for t in tangents]
             return [instantiate(t) for t in tangents]
 
-        firsts, seconds = jvp_keep_zeros(first_order, [primals[i] for i in jac_nz], v_nz)
+        firsts, seconds = jvp_keep_zeros(
+            first_order, [primals[i] for i in jac_nz], v_nz
+        )
         flags["second_zero"] = [is_zero(s) for s in seconds]
         return firsts, [instantiate(s) for s in seconds]
 
     firsts, seconds = jax.vmap(one_direction)(*[jacobians[i] for i in jac_nz])
     jac_out, lap_out = [], []
     for p, f, s, lt, f0, s0 in zip(
-        primals_out, firsts, seconds, lap_term, flags["first_zero"], flags["second_zero"]
+        primals_out,
+        firsts,
+        seconds,
+        lap_term,
+        flags["first_zero"],
+        flags["second_zero"],
+        strict=False,
     ):
         jac_out.append(_zero_jac_like(p, jacobians) if f0 else f)
         second = Zero(jax.typeof(p).to_tangent_aval()) if s0 else s.sum(0)

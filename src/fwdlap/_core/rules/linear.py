@@ -68,21 +68,35 @@ def _lookup(name: str) -> Any:
 
 
 def unary_linear_rule(primitive: Any):
-    def rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    def rule(
+        primals: Sequence[Any],
+        jacobians: Sequence[Any],
+        laplacians: Sequence[Any],
+        **params: Any,
+    ):
         (x,), (jac,), (lap,) = primals, jacobians, laplacians
         out = primitive.bind(x, **params)
         if is_zero(jac):
             jac_out = zero_jacobian(out, jac.aval.shape[0])
         else:
             jac_out = jax.vmap(lambda j: primitive.bind(j, **params))(jac)
-        lap_out = Zero(jax.typeof(out).to_tangent_aval()) if is_zero(lap) else primitive.bind(lap, **params)
+        lap_out = (
+            Zero(jax.typeof(out).to_tangent_aval())
+            if is_zero(lap)
+            else primitive.bind(lap, **params)
+        )
         return out, jac_out, lap_out
 
     return rule
 
 
 def multi_linear_rule(primitive: Any):
-    def rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    def rule(
+        primals: Sequence[Any],
+        jacobians: Sequence[Any],
+        laplacians: Sequence[Any],
+        **params: Any,
+    ):
         jvp_fn = primitive_jvp_fn(primitive, params)
         outs, lap_out = jvp_fn(primals, laplacians)
         nz = [i for i, j in enumerate(jacobians) if not is_zero(j)]
@@ -92,7 +106,7 @@ def multi_linear_rule(primitive: Any):
 
             def one_direction(*v_nz: Any) -> list[Any]:
                 vs = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals]
-                for i, v in zip(nz, v_nz):
+                for i, v in zip(nz, v_nz, strict=False):
                     vs[i] = v
                 _, tangents = jvp_fn(primals, vs)
                 zero_flags[:] = [is_zero(t) for t in tangents]
@@ -100,7 +114,8 @@ def multi_linear_rule(primitive: Any):
 
             jac_out = jax.vmap(one_direction)(*[jacobians[i] for i in nz])
             jac_out = [
-                zero_jacobian(p, n) if z else j for p, j, z in zip(outs, jac_out, zero_flags)
+                zero_jacobian(p, n) if z else j
+                for p, j, z in zip(outs, jac_out, zero_flags, strict=False)
             ]
         else:
             jac_out = [zero_jacobian(p, n) for p in outs]
@@ -114,7 +129,12 @@ def multi_linear_rule(primitive: Any):
 def zero_derivative_rule(primitive: Any):
     """For piecewise-constant primitives (floor, sign, stop_gradient, ...)."""
 
-    def rule(primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any], **params: Any):
+    def rule(
+        primals: Sequence[Any],
+        jacobians: Sequence[Any],
+        laplacians: Sequence[Any],
+        **params: Any,
+    ):
         out = primitive.bind(*primals, **params)
         n = num_directions(jacobians)
         outs = out if primitive.multiple_results else [out]
@@ -139,7 +159,15 @@ def _register() -> None:
     add_any = getattr(_jax, "add_any_p", None)
     if add_any is not None:
         registry.register(add_any, multi_linear_rule(add_any))
-    for name in ["sign", "floor", "ceil", "round", "stop_gradient", "is_finite", "nextafter"]:
+    for name in [
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "stop_gradient",
+        "is_finite",
+        "nextafter",
+    ]:
         prim = _lookup(name)
         if prim is not None:
             registry.register(prim, zero_derivative_rule(prim))
