@@ -199,3 +199,16 @@ def _shape(x: Any) -> tuple[int, ...]:
 
     aval: Any = x.aval if type(x) is Zero else jax.typeof(x)
     return tuple(aval.shape)
+
+
+def state() -> tuple[tuple[int, ...], ...]:
+    """A fingerprint of every registered rule, for caches of transformed jaxprs.
+
+    A cached forward-Laplacian jaxpr is only valid for the rules it was built with;
+    keying caches on this fingerprint makes `fwdlap.register_rule` (or a test that
+    swaps a rule) take effect on functions that were already traced.
+    """
+    return tuple(
+        tuple(id(r) for r in table.values())
+        for table in (rules, trace_rules, custom_jvp_rules)
+    )

@@ -237,6 +237,7 @@ def lap_jaxpr(
         tuple(lap_nz),
         tuple(_as_list(instantiate_jac, num_out)),
         tuple(_as_list(instantiate_lap, num_out)),
+        registry.state(),
     )
     return new_jaxpr, list(out_jac), list(out_lap)
 
@@ -249,7 +250,9 @@ def _lap_jaxpr_cached(
     lap_nz: tuple[bool, ...],
     inst_jac: tuple[bool, ...],
     inst_lap: tuple[bool, ...],
+    registry_state: Any,
 ) -> tuple[Any, tuple[bool, ...], tuple[bool, ...]]:
+    del registry_state  # only part of the cache key
     in_avals = list(closed.in_avals)
     jac_avals = [
         jacobian_aval(a, n) for a, nz in zip(in_avals, jac_nz, strict=False) if nz
