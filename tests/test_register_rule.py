@@ -220,3 +220,28 @@ def test_register_rule_rejects_nondiff_argnums_and_missing_jvp():
     g = jax.custom_jvp(lambda x: x)
     with pytest.raises(ValueError, match="defjvp"):
         fwdlap.register_rule(g, lambda *a: a)
+
+
+def test_rule_registered_after_tracing_takes_effect():
+    """A function traced with one rule (its jit body cached) picks up a later rule."""
+    cube_p = make_cube_primitive("fwdlap_test_late_cube")
+    inner = jax.jit(lambda x: jnp.sum(cube_p.bind(x)))
+
+    def f(x: jax.Array) -> jax.Array:
+        return jnp.sin(inner(x))
+
+    def cube_rule(scale: float) -> Any:
+        def rule(primals: Any, jacobians: Any, laplacians: Any, **params: Any) -> Any:
+            (x,), (jac,), (lap,) = primals, jacobians, laplacians
+            lap_out = scale * 6 * x * jnp.sum(jac**2, axis=0)
+            if not isinstance(lap, fwdlap.Zero):
+                lap_out = lap_out + 3 * x**2 * lap
+            return cube_p.bind(x), 3 * x**2 * jac, lap_out
+
+        return rule
+
+    expected = trace_of_hessian(lambda x: jnp.sin(jnp.sum(x**3)), X)
+    fwdlap.register_rule(cube_p, cube_rule(0.0))  # a deliberately wrong rule first
+    assert not np.allclose(fwdlap.laplacian(f)(X), expected, rtol=1e-6)
+    fwdlap.register_rule(cube_p, cube_rule(1.0))
+    assert np.allclose(fwdlap.laplacian(f)(X), expected, rtol=1e-6)
