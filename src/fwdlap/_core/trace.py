@@ -207,6 +207,30 @@ def lap_flat(
 # --- inner jaxprs --------------------------------------------------------------------
 
 
+def unpack_tangents(
+    primals: Sequence[Any],
+    nonzero: Sequence[Any],
+    jac_nz: Sequence[bool],
+    lap_nz: Sequence[bool],
+    n: int,
+) -> tuple[list[Any], list[Any]]:
+    """Rebuild full jacobian and laplacian lists from only their non-zero entries.
+
+    `nonzero` holds the non-zero jacobians, then the non-zero laplacians, in the order
+    of the masks; every other entry becomes a symbolic zero.
+    """
+    it = iter(nonzero)
+    jacs = [
+        next(it) if nz else zero_jacobian(p, n)
+        for p, nz in zip(primals, jac_nz, strict=True)
+    ]
+    laps = [
+        next(it) if nz else zero_laplacian(p)
+        for p, nz in zip(primals, lap_nz, strict=True)
+    ]
+    return jacs, laps
+
+
 def jacobian_aval(aval: Any, n: int) -> Any:
     tangent = aval.to_tangent_aval()
     return tangent.update(shape=(n, *tangent.shape))
@@ -264,15 +288,7 @@ def _lap_jaxpr_cached(
 
     def body(*args: Any) -> list[Any]:
         primals = list(args[: len(in_avals)])
-        rest = iter(args[len(in_avals) :])
-        jacs = [
-            next(rest) if nz else zero_jacobian(p, n)
-            for p, nz in zip(primals, jac_nz, strict=False)
-        ]
-        laps = [
-            next(rest) if nz else zero_laplacian(p)
-            for p, nz in zip(primals, lap_nz, strict=False)
-        ]
+        jacs, laps = unpack_tangents(primals, args[len(in_avals) :], jac_nz, lap_nz, n)
         outs, out_jacs, out_laps = lap_flat(
             _jax.jaxpr_as_fun(closed), primals, jacs, laps, n
         )
@@ -331,15 +347,7 @@ def lap_partial_flat(
 
     def body(*args: Any) -> list[Any]:
         ps = list(args[:num_in])
-        rest = iter(args[num_in:])
-        jacs = [
-            next(rest) if nz else zero_jacobian(p, n)
-            for p, nz in zip(ps, jac_nz, strict=False)
-        ]
-        laps = [
-            next(rest) if nz else zero_laplacian(p)
-            for p, nz in zip(ps, lap_nz, strict=False)
-        ]
+        jacs, laps = unpack_tangents(ps, args[num_in:], jac_nz, lap_nz, n)
         outs, out_jacs, out_laps = lap_flat(fun, ps, jacs, laps, n)
         store["num_out"] = len(outs)
         store["jac_avals"] = [j.aval if is_zero(j) else None for j in out_jacs]

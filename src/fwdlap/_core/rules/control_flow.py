@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import _jax, registry
-from ..trace import jacobian_aval, lap_jaxpr
-from ..zeros import Zero, instantiate, is_zero, zero_jacobian, zero_laplacian
+from ..trace import jacobian_aval, lap_jaxpr, unpack_tangents
+from ..zeros import Zero, instantiate, is_zero
 
 
 def _nonzero(xs: Sequence[Any]) -> list[bool]:
@@ -32,17 +32,7 @@ def _fill(outs: Sequence[Any], nz: Sequence[bool], values: Any, zero: Any) -> li
 def _split_outputs(
     trace: Any, primals_out: list[Any], rest: Sequence[Any], jac_nz, lap_nz
 ):
-    n = trace.n
-    it = iter(rest)
-    jacs = [
-        next(it) if nz else zero_jacobian(p, n)
-        for p, nz in zip(primals_out, jac_nz, strict=False)
-    ]
-    laps = [
-        next(it) if nz else zero_laplacian(p)
-        for p, nz in zip(primals_out, lap_nz, strict=False)
-    ]
-    return jacs, laps
+    return unpack_tangents(primals_out, rest, jac_nz, lap_nz, trace.n)
 
 
 # --- jit -----------------------------------------------------------------------------
