@@ -73,16 +73,27 @@ def _is_real(a: Any) -> bool:
     return bool(jnp.issubdtype(jax.typeof(a).dtype, jnp.floating))
 
 
+def _log_abs_det_parts(
+    primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
+) -> tuple[int, Any, Any, Any, Any] | None:
+    """`(n, sign, log|det A|, its jacobian, its laplacian)`, or None for complex A."""
+    (a,), (ja,), (la,) = primals, jacobians, laplacians
+    if not _is_real(a):
+        return None
+    n = num_directions(jacobians)
+    sign, logdet, inverse = slogdet_and_inverse(a)
+    jac_log, lap_log = _logdet_tangents(inverse, ja, la, n, logdet)
+    return n, sign, logdet, jac_log, lap_log
+
+
 def slogdet_rule(
     primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
 ) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.slogdet` (outputs `[sign, logabsdet]`)."""
-    (a,), (ja,), (la,) = primals, jacobians, laplacians
-    if not _is_real(a):
+    parts = _log_abs_det_parts(primals, jacobians, laplacians)
+    if parts is None:
         return NotImplemented
-    n = num_directions(jacobians)
-    sign, logdet, inverse = slogdet_and_inverse(a)
-    jac_log, lap_log = _logdet_tangents(inverse, ja, la, n, logdet)
+    n, sign, logdet, jac_log, lap_log = parts
     sign_jac = Zero(jax.typeof(sign).to_tangent_aval().update(shape=(n, *sign.shape)))
     sign_lap = Zero(jax.typeof(sign).to_tangent_aval())
     return [sign, logdet], [sign_jac, jac_log], [sign_lap, lap_log]
@@ -92,13 +103,11 @@ def det_rule(
     primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
 ) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.det` (for matrices larger than 3x3)."""
-    (a,), (ja,), (la,) = primals, jacobians, laplacians
-    if not _is_real(a):
+    parts = _log_abs_det_parts(primals, jacobians, laplacians)
+    if parts is None:
         return NotImplemented
-    n = num_directions(jacobians)
-    sign, logdet, inverse = slogdet_and_inverse(a)
+    n, sign, logdet, jac_log, lap_log = parts
     det = sign * jnp.exp(logdet)
-    jac_log, lap_log = _logdet_tangents(inverse, ja, la, n, logdet)
     if is_zero(jac_log):
         jac_det: Any = zero_jacobian(det, n)
         lap_det: Any = lap_log if is_zero(lap_log) else det * lap_log
