@@ -156,3 +156,28 @@ def test_shard_map_mean_kinetic_energy_with_psum():
     _, grads, laps = reference("value_grad_and_laplacian")
     want = jnp.mean(-0.5 * (laps + jnp.sum(grads**2, axis=-1)))
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_shard_map_lap_partial_blocks_in_fori_loop():
+    """The original fwdlap's chunked pattern inside shard_map: `lap_pe` gets seeds
+    built from `jnp.eye` (not device-varying) although it was traced for jacobians
+    that vary like the sharded primal."""
+    mesh = make_mesh("auto")
+    spec = PartitionSpec("batch")
+    block = 2
+
+    def one(x: jax.Array) -> jax.Array:
+        eye = jnp.eye(DIM)
+        zero = fwdlap.zero_tangent_from_primal(x)
+        _, lap_pe = fwdlap.lap_partial(log_psi, (x,), (eye[:block],), (zero,))
+
+        def body(i: Any, acc: jax.Array) -> jax.Array:
+            rows = jax.lax.dynamic_slice_in_dim(eye, i * block, block)
+            _, lap = lap_pe((rows,), (zero,))
+            return acc + lap
+
+        return jax.lax.fori_loop(0, DIM // block, body, jnp.zeros_like(x[0]))
+
+    fn = jax.jit(shard_map(jax.vmap(one), mesh=mesh, in_specs=spec, out_specs=spec))
+    sharded = fn(jax.device_put(XS, NamedSharding(mesh, spec)))
+    assert_tree_close(sharded, reference("laplacian"), rtol=1e-9, atol=1e-10)

@@ -176,3 +176,23 @@ def custom_jvp_call_src_info(fun: Any) -> str | None:
 
 # A cache keyed weakly on its first argument (a jaxpr), as JAX caches `jvp_jaxpr`.
 from jax._src.util import weakref_lru_cache as weakref_lru_cache  # noqa: E402
+
+
+def varying_axes(aval: Any) -> frozenset[Any]:
+    """Mesh axes an abstract value varies over inside `shard_map` (empty elsewhere)."""
+    mat = getattr(aval, "mat", None)  # JAX >= 0.10: the manual-axis type
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # JAX 0.9
+
+
+def match_varying(x: Any, aval: Any) -> Any:
+    """Mark `x` as varying over the mesh axes `aval` varies over (`jax.lax.pcast`).
+
+    Inside `shard_map`, a jaxpr traced for device-varying tangents rejects tangents
+    built from constants (`jnp.eye`), which do not vary.
+    """
+    missing = varying_axes(aval) - varying_axes(jax.typeof(x))
+    if not missing:
+        return x
+    return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")

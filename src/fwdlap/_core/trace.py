@@ -410,6 +410,9 @@ def _apply_partial(
 ) -> tuple[list[Any], list[Any]]:
     args = [j for j, nz in zip(jacobians, jac_nz, strict=False) if nz]
     args += [lp for lp, nz in zip(laplacians, lap_nz, strict=False) if nz]
+    args = [
+        _jax.match_varying(x, v.aval) for x, v in zip(args, jaxpr.invars, strict=True)
+    ]
     unknown_outs = iter(_jax.eval_jaxpr(jaxpr, consts, *args))
     known_outs = iter(known)
     nonzero = [next(known_outs) if k else next(unknown_outs) for k in known_mask]
