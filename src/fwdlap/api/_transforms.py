@@ -146,20 +146,6 @@ def _split_vector(vec: jax.Array, arg: _Argument, lead: tuple[int, ...]) -> Any:
     return jax.tree_util.tree_unflatten(arg.treedef, out)
 
 
-def _seed_jacobians(rows: jax.Array, arg: _Argument) -> Any:
-    """`_split_rows`, with seeds typed like the argument for `lap_partial`'s jaxpr.
-
-    Under `shard_map` the argument varies across devices while seeds built from `iota`
-    do not; the partially evaluated jaxpr was traced for jacobians typed like the
-    argument, so the seeds are made to match (adding zeros, which XLA removes).
-    """
-
-    def match(jac: jax.Array, leaf: jax.Array) -> jax.Array:
-        return jac + jnp.zeros_like(leaf)
-
-    return jax.tree_util.tree_map(match, _split_rows(rows, arg), arg.tree)
-
-
 def _zero_laplacians(arg: _Argument) -> Any:
     return jax.tree_util.tree_map(zero_tangent_from_primal, arg.tree)
 
@@ -345,7 +331,7 @@ def _evaluate(
     for g in groups:
 
         def tangents(start: Any, g: _Seeds = g) -> tuple[Any, Any]:
-            jac = _seed_jacobians(_block(g, start, size, dim, dtype), arg)
+            jac = _split_rows(_block(g, start, size, dim, dtype), arg)
             return pe((jac,), (zero_laps,))
 
         num_blocks = -(-g.num // size)
@@ -673,7 +659,7 @@ def hessian_diagonal(
 
         def one_direction(i: Any) -> Any:
             seed = jax.nn.one_hot(i[None], arg.dim, dtype=arg.dtype)
-            _, lap_out = pe((_seed_jacobians(seed, arg),), (zero_laps,))
+            _, lap_out = pe((_split_rows(seed, arg),), (zero_laps,))
             return lap_out
 
         per_direction = jax.vmap(one_direction)(jnp.arange(arg.dim))
