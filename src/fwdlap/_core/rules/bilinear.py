@@ -13,12 +13,12 @@ from jax import lax
 
 from .. import registry
 from ..zeros import (
-    Zero,
     add,
     broadcast_operands,
     is_zero,
     num_directions,
     zero_jacobian,
+    zero_laplacian,
 )
 
 
@@ -56,7 +56,7 @@ def mul_rule(
     primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     out = lax.mul_p.bind(a, b, **params)
-    zero = Zero(jax.typeof(out).to_tangent_aval())
+    zero = zero_laplacian(out)
     jac_out = zero_jacobian(out, num_directions(jacobians))
     if not is_zero(ja):
         jac_out = ja * b
@@ -84,7 +84,7 @@ def dot_general_rule(
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.dot_general_p
     out = prim.bind(a, b, **params)
-    zero = Zero(jax.typeof(out).to_tangent_aval())
+    zero = zero_laplacian(out)
     jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
     if jac_out is None:
         jac_out = zero_jacobian(out, num_directions(jacobians))
@@ -110,7 +110,7 @@ def conv_rule(
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.conv_general_dilated_p
     out = prim.bind(a, b, **params)
-    zero = Zero(jax.typeof(out).to_tangent_aval())
+    zero = zero_laplacian(out)
     jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
     if jac_out is None:
         jac_out = zero_jacobian(out, num_directions(jacobians))

@@ -14,12 +14,12 @@ from jax import lax
 
 from .. import registry
 from ..zeros import (
-    Zero,
     add,
     broadcast_operands,
     is_zero,
     num_directions,
     zero_jacobian,
+    zero_laplacian,
 )
 from .generic import make_generic
 
@@ -49,11 +49,11 @@ def unary_rule(primitive: Any, derivs: Derivs, real_only: bool = False):
         d1, d2 = derivs(x, y, params)
         if is_zero(jac):
             jac_out = zero_jacobian(y, jac.aval.shape[0])
-            second = Zero(jax.typeof(y).to_tangent_aval())
+            second = zero_laplacian(y)
         else:
             jac_out = d1 * jac
             second = d2 * sum_squares(jac)
-        first = Zero(jax.typeof(y).to_tangent_aval()) if is_zero(lap) else d1 * lap
+        first = zero_laplacian(y) if is_zero(lap) else d1 * lap
         return y, jac_out, add(second, first)
 
     return rule
@@ -208,9 +208,9 @@ def div_rule(
     out = lax.div(x, y)
     if jnp.issubdtype(out.dtype, jnp.integer):
         n = num_directions(jacobians)
-        return out, zero_jacobian(out, n), Zero(jax.typeof(out).to_tangent_aval())
+        return out, zero_jacobian(out, n), zero_laplacian(out)
     inv_y = 1 / y
-    zero = Zero(jax.typeof(out).to_tangent_aval())
+    zero = zero_laplacian(out)
     # First order: (J_x - out * J_y) / y, with broadcasting over the direction axis.
     num_jac = add(jx, zero if is_zero(jy) else -out * jy)
     jac_out = (

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from .. import _jax
-from ..zeros import Zero, add, instantiate, is_zero
+from ..zeros import add, instantiate, is_zero, zero_laplacian
 
 # jvp_fn(primals, tangents) -> (primals_out, tangents_out), both lists; tangents may be
 # `Zero` on the way in and out.
@@ -59,7 +59,7 @@ def primitive_jvp_fn(primitive: Any, params: dict[str, Any]) -> JvpFn:
             # cumlogsumexp, ...) fail on them. Do the same.
             out = primitive.bind(*primals, **params)
             outs = list(out) if primitive.multiple_results else [out]
-            return outs, [Zero(jax.typeof(o).to_tangent_aval()) for o in outs]
+            return outs, [zero_laplacian(o) for o in outs]
         out, tangent_out = jvp(list(primals), list(tangents), **params)
         if primitive.multiple_results:
             return list(out), list(tangent_out)
@@ -80,9 +80,7 @@ def laplacian_from_jvp(
     if lap_nz:
         primals_out, lap_term = jvp_fn(primals, laplacians)
     else:
-        primals_out, lap_term = jvp_fn(
-            primals, [_zero_like_tangent(p) for p in primals]
-        )
+        primals_out, lap_term = jvp_fn(primals, [zero_laplacian(p) for p in primals])
     if not jac_nz:
         zero_jacs = [_zero_jac_like(p, jacobians) for p in primals_out]
         return primals_out, zero_jacs, lap_term
@@ -90,7 +88,7 @@ def laplacian_from_jvp(
     flags: dict[str, list[bool]] = {}
 
     def one_direction(*v_nz: Any) -> tuple[list[Any], list[Any]]:
-        vs: list[Any] = [_zero_like_tangent(p) for p in primals]
+        vs: list[Any] = [zero_laplacian(p) for p in primals]
         for i, v in zip(jac_nz, v_nz, strict=False):
             vs[i] = v
 
@@ -120,13 +118,9 @@ def laplacian_from_jvp(
         strict=False,
     ):
         jac_out.append(_zero_jac_like(p, jacobians) if f0 else f)
-        second = Zero(jax.typeof(p).to_tangent_aval()) if s0 else s.sum(0)
+        second = zero_laplacian(p) if s0 else s.sum(0)
         lap_out.append(add(second, lt))
     return primals_out, jac_out, lap_out
-
-
-def _zero_like_tangent(primal: Any) -> Any:
-    return Zero(jax.typeof(primal).to_tangent_aval())
 
 
 def _zero_jac_like(primal: Any, jacobians: Sequence[Any]) -> Any:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _jax, registry
-from ..zeros import Zero, add, is_zero, num_directions, zero_jacobian, zero_laplacian
+from ..zeros import add, is_zero, num_directions, zero_jacobian, zero_laplacian
 
 
 def slogdet_and_inverse(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -94,8 +94,8 @@ def slogdet_rule(
     if parts is None:
         return NotImplemented
     n, sign, logdet, jac_log, lap_log = parts
-    sign_jac = Zero(jax.typeof(sign).to_tangent_aval().update(shape=(n, *sign.shape)))
-    sign_lap = Zero(jax.typeof(sign).to_tangent_aval())
+    sign_jac = zero_jacobian(sign, n)
+    sign_lap = zero_laplacian(sign)
     return [sign, logdet], [sign_jac, jac_log], [sign_lap, lap_log]
 
 

@@ -11,7 +11,13 @@ import jax
 from jax import lax
 
 from .. import _jax, registry
-from ..zeros import Zero, instantiate, is_zero, num_directions, zero_jacobian
+from ..zeros import (
+    instantiate,
+    is_zero,
+    num_directions,
+    zero_jacobian,
+    zero_laplacian,
+)
 from .generic import primitive_jvp_fn
 
 # Linear in their single (array) input: apply the primitive to the tangents directly.
@@ -80,11 +86,7 @@ def unary_linear_rule(primitive: Any):
             jac_out = zero_jacobian(out, jac.aval.shape[0])
         else:
             jac_out = jax.vmap(lambda j: primitive.bind(j, **params))(jac)
-        lap_out = (
-            Zero(jax.typeof(out).to_tangent_aval())
-            if is_zero(lap)
-            else primitive.bind(lap, **params)
-        )
+        lap_out = zero_laplacian(out) if is_zero(lap) else primitive.bind(lap, **params)
         return out, jac_out, lap_out
 
     return rule
@@ -105,7 +107,7 @@ def multi_linear_rule(primitive: Any):
             zero_flags: list[bool] = []
 
             def one_direction(*v_nz: Any) -> list[Any]:
-                vs = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals]
+                vs = [zero_laplacian(p) for p in primals]
                 for i, v in zip(nz, v_nz, strict=False):
                     vs[i] = v
                 _, tangents = jvp_fn(primals, vs)
@@ -139,7 +141,7 @@ def zero_derivative_rule(primitive: Any):
         n = num_directions(jacobians)
         outs = out if primitive.multiple_results else [out]
         jacs = [zero_jacobian(o, n) for o in outs]
-        laps = [Zero(jax.typeof(o).to_tangent_aval()) for o in outs]
+        laps = [zero_laplacian(o) for o in outs]
         if primitive.multiple_results:
             return outs, jacs, laps
         return out, jacs[0], laps[0]
