@@ -173,8 +173,26 @@ def check_reference_inputs(model, xs, ref_value) -> None:
         emit("warning", message=f"float32 f differs from reference f by {diff:.2e}")
 
 
+def device_info() -> dict:
+    """Backend, device kind and count, and matmul precision of this process."""
+    import jax
+
+    devices = jax.devices()
+    precision = getattr(jax.config, "jax_default_matmul_precision", None)
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "default_matmul_precision": None if precision is None else str(precision),
+    }
+
+
 def run_timing(args: argparse.Namespace) -> None:
     """Prepares every requested method, then times the ones that compiled."""
+    try:
+        emit("device", **device_info())
+    except Exception as err:
+        emit("warning", message=f"device query failed: {short_error(err)}")
     model = models.build(args.model, args.n, args.seed)
     xs = models.sample_configs(model, args.batch, args.seed + 1)
     ref, ref_value = load_reference(args.ref)

@@ -94,12 +94,15 @@ def meta_lines(meta: dict) -> list[str]:
         "date",
         "mode",
         "duration_s",
+        "cells_done",
+        "device",
         "platform",
         "cpu_count",
         "load_avg_start",
         "load_avg_end",
         "versions",
         "xla_flags",
+        "jax_env",
         "batch",
         "repeats",
         "sizes",
@@ -170,7 +173,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("ms per configuration")
         ax.grid(True, which="both", alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o") for c in colors.values()]
-    fig.legend(handles, list(colors), loc="lower center", ncol=len(colors))
+    fig.legend(handles, list(colors), loc="lower center", ncol=max(1, len(colors)))
     fig.suptitle(f"Laplacian time per configuration (batch of {batch} / {batch})")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
@@ -211,11 +214,18 @@ def plot_bars(ax, cell: dict, batch: int, colors: dict[str, str]) -> None:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
 
 
-def write_all(results: dict, out_dir: Path, stem: str) -> dict[str, Path]:
-    """Writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``."""
+def write_all(
+    results: dict, out_dir: Path, stem: str, with_plot: bool = True
+) -> dict[str, Path]:
+    """Writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``.
+
+    ``with_plot=False`` skips the plot (the runner's partial writes after each cell).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    exts = ("json", "md", "png") if with_plot else ("json", "md")
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in exts}
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     paths["md"].write_text(markdown_report(results))
-    plot(results, paths["png"])
+    if with_plot:
+        plot(results, paths["png"])
     return paths

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import report, with_safe_xla_flags
+from benchmarks import apply_safe_xla_flags, report
 from benchmarks.cell import EVENT_PREFIX
 from benchmarks.methods import METHODS
 from benchmarks.models import BUILDERS, SIZE_FREE
@@ -41,6 +41,25 @@ HESSIAN_MAX_N = 16
 
 MAX_RETRIES = 2
 """How many times a cell is rerun after a hang or crash, each without the culprit."""
+
+JAX_ENV = (
+    "BENCHMARKS_NO_CPU_XLA_FLAG",
+    "CUDA_VISIBLE_DEVICES",
+    "JAX_DEFAULT_MATMUL_PRECISION",
+    "JAX_PLATFORMS",
+    "NVIDIA_TF32_OVERRIDE",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+)
+"""Environment variables that change what is measured, recorded in the metadata."""
+
+PLUGINS = (
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+    "jax-cuda12-plugin",
+    "jax-cuda12-pjrt",
+)
+"""JAX accelerator plugins whose versions are recorded when installed."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +92,7 @@ class Config:
 def child_env() -> dict[str, str]:
     """Environment of worker processes: safe XLA flags, repo and src importable."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = with_safe_xla_flags(env.get("XLA_FLAGS"))
+    apply_safe_xla_flags(env)
     paths = [str(REPO_ROOT)]
     if (REPO_ROOT / "src" / "fwdlap" / "__init__.py").exists():
         paths.append(str(REPO_ROOT / "src"))
@@ -210,6 +229,8 @@ def collect(result: WorkerResult) -> tuple[dict[str, dict], dict, list[str]]:
                 records[name]["run_ms_all"] = times
         elif kind == "hessian_f32_err":
             extra["hessian_f32_err"] = event["value"]
+        elif kind == "device":
+            extra["device"] = {k: v for k, v in event.items() if k != "event"}
         elif kind == "warning":
             notes.append(event["message"])
     return records, extra, notes
@@ -268,6 +289,7 @@ def run_cell(cfg: Config, model: str, n: int | None, on_event) -> dict:
         for m in cfg.methods
     }
     cell["hessian_f32_err"] = extra.get("hessian_f32_err")
+    cell["device"] = extra.get("device")
     cell["notes"] += notes
     return cell
 
@@ -332,14 +354,33 @@ def cell_summary(cell: dict) -> str:
 # ---------------------------------------------------------------------- driver
 
 
+def source_version() -> str | None:
+    """Version in this checkout's ``pyproject.toml`` (``None`` if unreadable)."""
+    try:
+        import tomllib
+
+        text = (REPO_ROOT / "pyproject.toml").read_text()
+        return tomllib.loads(text)["project"]["version"]
+    except Exception:
+        return None
+
+
 def versions() -> dict[str, str]:
-    """Installed versions of the packages that matter to the numbers."""
+    """Installed versions of the packages that matter to the numbers.
+
+    Workers import ``fwdlap`` from this checkout's ``src/`` when it has one, so
+    that is what is recorded for it, installed or not. Accelerator plugins are
+    listed only when installed.
+    """
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "folx", "fwdlap"):
+    for name in ("jax", "jaxlib", "folx", "fwdlap", *PLUGINS):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
+            if name not in PLUGINS:
+                out[name] = "not installed"
+    if (REPO_ROOT / "src" / "fwdlap" / "__init__.py").exists():
+        out["fwdlap"] = f"{source_version() or '?'} (this checkout's src/)"
     return out
 
 
@@ -353,7 +394,8 @@ def run(cfg: Config) -> dict:
         "cpu_count": os.cpu_count(),
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
         "versions": versions(),
-        "xla_flags": with_safe_xla_flags(os.environ.get("XLA_FLAGS")),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_env": {k: v for k, v in sorted(os.environ.items()) if k in JAX_ENV},
         "batch": cfg.batch,
         "repeats": cfg.repeats,
         "sizes": {m: list(cfg.sizes_for(m)) for m in cfg.models},
@@ -368,7 +410,14 @@ def run(cfg: Config) -> dict:
             cell = run_cell(cfg, model, n, progress.status)
             cell["wall_s"] = round(time.perf_counter() - cell_start, 1)
             results["cells"].append(cell)
+            if cell.get("device") and "device" not in meta:
+                meta["device"] = cell["device"]
             progress.finish(cell_summary(cell))
+            meta["cells_done"] = f"{len(results['cells'])}/{len(cells)}"
+            meta["duration_s"] = round(time.perf_counter() - start, 1)
+            # Partial results (no plot), so a run killed midway still leaves data;
+            # `--report-only` draws the plot from them.
+            report.write_all(results, cfg.out_dir, cfg.stem, with_plot=False)
     finally:
         progress.close()
     meta["duration_s"] = round(time.perf_counter() - start, 1)
@@ -399,7 +448,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, help="seconds without progress = hang")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    p.add_argument(
+        "--out", "--out-dir", type=Path, default=RESULTS_DIR, help="output folder"
+    )
+    p.add_argument(
+        "--stem",
+        help="output file names <stem>.{md,json,png} "
+        "(default: results, or results_quick with --quick)",
+    )
     p.add_argument("--no-cache", action="store_true", help="recompute references")
     p.add_argument(
         "--report-only",
@@ -438,7 +494,7 @@ def make_config(args: argparse.Namespace) -> Config:
         batch=args.batch,
         seed=args.seed,
         out_dir=args.out,
-        stem="results_quick" if args.quick else "results",
+        stem=args.stem or ("results_quick" if args.quick else "results"),
         mode="quick" if args.quick else "full",
         use_cache=not args.no_cache,
         **base,
@@ -452,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         results = json.loads((cfg.out_dir / f"{cfg.stem}.json").read_text())
     else:
-        os.environ["XLA_FLAGS"] = with_safe_xla_flags(os.environ.get("XLA_FLAGS"))
+        apply_safe_xla_flags(os.environ)
         results = run(cfg)
     paths = report.write_all(results, cfg.out_dir, cfg.stem)
     print(report.markdown_table(results))

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.extend.core as jex_core
 import jax.extend.linear_util as lu
+import numpy as np
 from jax import core as jax_core
 from jax._src import core as src_core
 from jax._src import sharding_impls as _sharding_impls
@@ -196,3 +197,30 @@ def match_varying(x: Any, aval: Any) -> Any:
     if not missing:
         return x
     return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
+
+
+# --- sparse mode --------------------------------------------------------------------
+from jax._src import source_info_util as _source_info_util  # noqa: E402
+
+
+_FWDLAP_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+
+
+def user_source_line() -> str:
+    """`file:line (function)` of the user code that issued the current primitive."""
+    try:
+        frames = _source_info_util.user_frames(_source_info_util.current().traceback)
+        for frame in frames:
+            if not frame.file_name.startswith(_FWDLAP_DIR):
+                return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    except Exception:  # noqa: BLE001 - only used in messages
+        pass
+    return ""
+
+
+def concrete_value(x: Any) -> Any:
+    """`x` as a NumPy array if its value is known while tracing, else None."""
+    if isinstance(x, Tracer):
+        value = to_concrete_value(x)
+        return None if value is None else np.asarray(value)
+    return np.asarray(x)

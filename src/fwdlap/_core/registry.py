@@ -57,6 +57,8 @@ def register_trace_rule(primitive: Any, rule: Rule) -> None:
 
 # custom_jvp.fun -> (custom_jvp object, rule)
 custom_jvp_rules: dict[Any, tuple[Any, Rule]] = {}
+# dense custom_jvp rule -> its block-sparse variant, rule(ctx, primals, jacs, laps)
+sparse_custom_jvp_rules: dict[Any, Rule] = {}
 # "name at file:line" -> custom_jvp.fun
 _custom_jvp_by_src: dict[str, Any] = {}
 # (custom_jvp.fun, input avals) -> printed jaxpr of a fresh trace

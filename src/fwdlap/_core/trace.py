@@ -15,7 +15,8 @@ from typing import Any
 import jax
 from jax.tree_util import Partial
 
-from . import _jax, registry
+from . import _jax, registry, sparse
+from .sparse import SparseContext, is_sparse
 from .zeros import Zero, instantiate, is_zero, zero_jacobian, zero_laplacian
 
 Triple = tuple[Any, Any, Any]
@@ -46,11 +47,14 @@ if not _jax.TRACER_INIT_TAKES_AVAL:  # JAX 0.9: `aval` is not a slot yet
 class LapTrace(_jax.Trace):
     """Carries (primal, jacobian, laplacian) triples through every primitive."""
 
-    def __init__(self, parent_trace: Any, tag: Any, n: int):
+    def __init__(
+        self, parent_trace: Any, tag: Any, n: int, sparse: SparseContext | None = None
+    ):
         super().__init__()
         self.parent_trace = parent_trace
         self.tag = tag
         self.n = n
+        self.sparse = sparse
 
     def to_triple(self, val: Any) -> Triple:
         if isinstance(val, LapTracer) and val._trace.tag is self.tag:
@@ -61,7 +65,10 @@ class LapTrace(_jax.Trace):
         primal, jac, lap = self.to_triple(val)
         stage = self.parent_trace.stage_value
         primal = stage(primal)
-        jac = jac if is_zero(jac) else stage(jac)
+        if is_sparse(jac):
+            jac = jac.with_data(stage(jac.data))
+        else:
+            jac = jac if is_zero(jac) else stage(jac)
         lap = lap if is_zero(lap) else stage(lap)
         return maybe_lap_tracer(self, primal, jac, lap)
 
@@ -69,6 +76,16 @@ class LapTrace(_jax.Trace):
         primals, jacs, laps = unzip3(map(self.to_triple, tracers))
         if all(is_zero(t) for t in (*jacs, *laps)):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
+        if self.sparse is not None and any(is_sparse(j) for j in jacs):
+            inline = _inline_jaxpr(primitive, params)
+            if inline is not None:
+                with _jax.set_current_trace(self):
+                    return _jax.eval_jaxpr(inline.jaxpr, inline.consts, *tracers)
+            sparse_out, jacs = self._process_sparse(
+                primitive, primals, jacs, laps, params
+            )
+            if sparse_out is not None:
+                return sparse_out
         trace_rule = registry.trace_rules.get(primitive)
         with _jax.set_current_trace(self.parent_trace):
             if trace_rule is not None:
@@ -86,6 +103,33 @@ class LapTrace(_jax.Trace):
             ]
         return maybe_lap_tracer(self, primal_out, jac_out, lap_out)
 
+    def _process_sparse(
+        self, primitive: Any, primals: Any, jacs: Any, laps: Any, params: Any
+    ) -> tuple[Any, list[Any]]:
+        """Run the sparse rule; returns `(tracers or None, jacobians for dense)`."""
+        from .rules import sparse_rules  # rules import this module
+
+        ctx = self.sparse
+        assert ctx is not None
+        with _jax.set_current_trace(self.parent_trace):
+            result, jacs = sparse_rules.process(
+                ctx, primitive, primals, jacs, laps, params
+            )
+            if result is None:
+                return None, jacs
+            outs, jac_outs, lap_outs = result
+            if not primitive.multiple_results:
+                outs, jac_outs, lap_outs = [outs], [jac_outs], [lap_outs]
+            jac_outs = [
+                sparse_rules.finish(ctx, primitive, o, j)
+                for o, j in zip(outs, jac_outs, strict=True)
+            ]
+        tracers = [
+            maybe_lap_tracer(self, p, j, lp)
+            for p, j, lp in zip(outs, jac_outs, lap_outs, strict=True)
+        ]
+        return (tracers if primitive.multiple_results else tracers[0]), jacs
+
     def process_call(self, call_primitive: Any, f: Any, tracers: Any, params: Any, /):
         # `closed_call` and friends: inline the body so it stays forward-Laplacian.
         del call_primitive, params
@@ -101,6 +145,13 @@ class LapTrace(_jax.Trace):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
         from .rules.custom import custom_jvp_rule  # rules import this module
 
+        if self.sparse is not None and any(is_sparse(j) for j in jacs):
+            outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
+            if outs is not None:
+                return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
+            jacs = self._densify_all(
+                fun, jacs, "a custom_jvp function without a sparse rule"
+            )
         with _jax.set_current_trace(self.parent_trace):
             # A rule registered for this custom_jvp function (fwdlap.register_rule),
             # else differentiate its JVP rule.
@@ -108,6 +159,36 @@ class LapTrace(_jax.Trace):
             if outs is None:
                 outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
+
+    def _densify_all(self, what: Any, jacs: Any, reason: str) -> list[Any]:
+        ctx = self.sparse
+        assert ctx is not None
+        name = getattr(what, "__name__", None) or str(what)
+        shapes = [j.shape for j in jacs if is_sparse(j)]
+        ctx.densified(name, "rule", reason, shapes[0] if shapes else ())
+        with _jax.set_current_trace(self.parent_trace):
+            return [
+                sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs
+            ]
+
+    def _sparse_custom_jvp(self, fun: Any, primals: Any, jacs: Any, laps: Any) -> Any:
+        """A registered sparse rule for this custom_jvp function (slogdet, det)."""
+        ctx = self.sparse
+        assert ctx is not None
+        found = registry.find_custom_jvp_rule(fun)
+        rule = None if found is None else registry.sparse_custom_jvp_rules.get(found[0])
+        if rule is None or any(not is_zero(j) and not is_sparse(j) for j in jacs):
+            return None
+        with _jax.set_current_trace(self.parent_trace):
+            result = rule(ctx, list(primals), list(jacs), list(laps))
+            if result is NotImplemented:
+                return None
+            outs, jac_outs, lap_outs = (list(r) for r in result)
+            jac_outs = [
+                sparse_rules_finish(ctx, fun, o, j)
+                for o, j in zip(outs, jac_outs, strict=True)
+            ]
+        return outs, jac_outs, lap_outs
 
     def process_custom_vjp_call(
         self,
@@ -138,6 +219,21 @@ class LapTrace(_jax.Trace):
             "it twice), or keep the custom_vjp function outside the function passed "
             "to fwdlap.lap."
         )
+
+
+def sparse_rules_finish(ctx: SparseContext, what: Any, out: Any, jac: Any) -> Any:
+    from .rules import sparse_rules
+
+    return sparse_rules.finish(ctx, what, out, jac)
+
+
+def _inline_jaxpr(primitive: Any, params: Any) -> Any:
+    """The closed jaxpr of a call-like primitive that the sparse mode inlines."""
+    if primitive is _jax.jit_p:
+        return params["jaxpr"]
+    if primitive is _jax.remat_p:
+        return _jax.close_jaxpr(params["jaxpr"])
+    return None
 
 
 def _generic_rule() -> Callable[..., Any]:
@@ -181,26 +277,39 @@ def lap_flat(
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
     n: int,
+    sparsity: sparse.SparseSpec | None = None,
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """Forward Laplacian of a function of flat arguments returning a flat list.
 
     Tangent outputs may be symbolic zeros; the caller decides what to instantiate.
+    With `sparsity`, jacobians whose values are known while tracing are carried
+    block-sparse (`sparse.SparseJac`) and come back dense.
     """
+    ctx = None if sparsity is None else sparsity.resolve(n)
     with _jax.take_current_trace() as parent:
-        trace = LapTrace(parent, _jax.TraceTag(), n)
+        trace = LapTrace(parent, _jax.TraceTag(), n, ctx)
+        jacobians = [
+            _normalize(p, j, zero_jacobian(p, n))
+            for p, j in zip(primals, jacobians, strict=True)
+        ]
+        if ctx is not None:
+            jacobians = [
+                j if is_zero(j) else sparse.sparsify_input(ctx, i, p, j)
+                for i, (p, j) in enumerate(zip(primals, jacobians, strict=True))
+            ]
         in_tracers = [
-            maybe_lap_tracer(
-                trace,
-                p,
-                _normalize(p, j, zero_jacobian(p, n)),
-                _normalize(p, lp, zero_laplacian(p)),
-            )
+            maybe_lap_tracer(trace, p, j, _normalize(p, lp, zero_laplacian(p)))
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)
         ]
         with _jax.set_current_trace(trace):
             outs = fun(*in_tracers)
         triples = [trace.to_triple(o) for o in outs]
         del trace, in_tracers
+    if ctx is not None:
+        triples = [
+            (p, sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j, lp)
+            for p, j, lp in triples
+        ]
     return unzip3(triples)
 
 

@@ -1,0 +1,606 @@
+"""Rules of the block-sparse mode (see `..sparse` for the representation).
+
+Most rules do not compute anything new. They work out, with NumPy at trace time, which
+blocks each output element depends on, lay the operands' `data` out so that every
+element's slots name the same blocks in every operand (*alignment*), and then run the
+dense rule of the primitive on `data` as if it were a dense jacobian of `k * b`
+directions. That is exact: the dense rules only ever combine the jacobians of the
+elements that one output element depends on, direction by direction.
+
+- elementwise primitives: align the operands to the union of their blocks;
+- reductions, cumulative ops and sort: first make every slot constant along the
+  reduced axes (the union along them);
+- structural primitives (reshape, transpose, broadcast, slice, concatenate, pad,
+  gather, dynamic_slice, ...): `data` moves like the values; `idx` is moved the same
+  way, in NumPy or by running the primitive on the (concrete) slot indices;
+- dot_general: the union along the contracting dimensions, and for two
+  tangent-carrying operands the cross term as one product over slot pairs, masked to
+  the pairs that name the same block;
+- slogdet and det live in `linalg.py`.
+
+A rule returns a `Fallback` when it cannot stay sparse; the caller then makes the
+operands dense (reporting why) and runs the dense rule.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .. import _jax, registry, sparse
+from ..sparse import SparseContext, SparseJac, is_sparse
+from ..zeros import Zero, add, is_zero, zero_jacobian, zero_laplacian
+
+
+class Fallback:
+    """A rule's answer that it cannot keep this call sparse, and why."""
+
+    __slots__ = ("cause", "reason", "blocks")
+
+    def __init__(self, cause: str, reason: str, blocks: int = 0):
+        self.cause = cause
+        self.reason = reason
+        self.blocks = blocks
+
+
+Result = tuple[Any, Any, Any]
+SparseRule = Callable[..., "Result | Fallback"]
+sparse_rules: dict[Any, SparseRule] = {}
+
+
+def _too_many(ctx: SparseContext, what: str, blocks: int = 0) -> Fallback:
+    return Fallback(
+        "threshold",
+        f"{what} depends on more than {ctx.max_blocks} blocks per element",
+        blocks,
+    )
+
+
+def dense_rule(primitive: Any) -> Callable[..., Any]:
+    rule = registry.rules.get(primitive)
+    if rule is None:
+        from .generic import generic_rule
+
+        rule = functools.partial(generic_rule, primitive)
+    return rule
+
+
+def _zero_like_rows(primal: Any, rows: int) -> Any:
+    return zero_jacobian(primal, rows)
+
+
+def _rows_jacs(
+    primals: Sequence[Any], jacs: Sequence[Any], datas: dict[int, Any], rows: int
+) -> list[Any]:
+    """Jacobians for a dense rule: aligned data where given, zeros of `rows` else."""
+    return [
+        datas[i] if i in datas else _zero_like_rows(p, rows)
+        for i, p in enumerate(primals)
+    ]
+
+
+def _wrap(out: Any, idx: np.ndarray, block_size: int) -> Any:
+    return out if is_zero(out) else SparseJac(out, idx, block_size)
+
+
+# --- elementwise -------------------------------------------------------------------
+
+
+def _broadcast_sparse(sj: SparseJac, shape: tuple[int, ...]) -> SparseJac:
+    if sj.shape == shape:
+        return sj
+    k, b = sj.k, sj.block_size
+    lead = (1,) * (len(shape) - len(sj.shape))
+    idx = np.broadcast_to(sj.idx.reshape(k, *lead, *sj.shape), (k, *shape))
+    data = sj.data.reshape(k * b, *lead, *sj.shape)
+    return SparseJac(jnp.broadcast_to(data, (k * b, *shape)), idx, b)
+
+
+def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
+    shape = tuple(jnp.broadcast_shapes(*[jnp.shape(p) for p in primals]))
+    primals, laps = list(primals), list(laps)
+    jacs = list(jacs)
+    for i, p in enumerate(primals):
+        if tuple(jnp.shape(p)) != shape:
+            primals[i] = jnp.broadcast_to(p, shape)
+            if not is_zero(laps[i]):
+                laps[i] = jnp.broadcast_to(laps[i], shape)
+            else:
+                laps[i] = zero_laplacian(primals[i])
+            if is_sparse(jacs[i]):
+                jacs[i] = _broadcast_sparse(jacs[i], shape)
+    sparse_ops = {i: j for i, j in enumerate(jacs) if is_sparse(j)}
+    target = sparse.union_all([j.idx for j in sparse_ops.values()])
+    blocks = sparse.count_blocks(target)
+    if blocks > ctx.max_blocks:
+        return _too_many(ctx, f"the result of {primitive}", blocks)
+    rows = target.shape[0] * ctx.block_size
+    datas = {i: sparse.align(j, target) for i, j in sparse_ops.items()}
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
+    )
+    return out, _wrap(jac_out, target, ctx.block_size), lap_out
+
+
+_ELEMENTWISE = [
+    "add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "neg", "sign",
+    "floor", "ceil", "round", "is_finite", "nextafter", "select_n", "clamp",
+    "convert_element_type", "copy", "copy_p", "reduce_precision", "exp", "exp2",
+    "log", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "tanh", "logistic",
+    "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "abs", "atan", "asin", "acos",
+    "asinh", "acosh", "atanh", "erf", "erfc", "erf_inv", "lgamma", "digamma",
+    "real", "imag", "conj", "complex",
+]  # fmt: skip
+
+
+# --- reductions, cumulative ops, sort -----------------------------------------
+
+
+def _first_along(idx: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Drop the (uniform) value axes `axes` of `idx`."""
+    index = tuple(0 if d in axes else slice(None) for d in range(idx.ndim - 1))
+    return idx[(slice(None), *index)]
+
+
+def reduce_rule(ctx, primitive, primals, jacs, laps, params):
+    (jac,) = jacs
+    axes = tuple(params["axes"])
+    target = sparse.union_along(jac.idx, axes, ctx.max_blocks)
+    if target is None:
+        return _too_many(ctx, f"{primitive} over axes {axes}")
+    data = sparse.align(jac, target)
+    out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
+    return out, _wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
+
+
+def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
+    (jac,) = jacs
+    axis = params["axis"]
+    target = sparse.union_along(jac.idx, (axis,), ctx.max_blocks)
+    if target is None:
+        return _too_many(ctx, f"{primitive} along axis {axis}")
+    data = sparse.align(jac, target)
+    out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
+    return out, _wrap(jac_out, target, ctx.block_size), lap_out
+
+
+def sort_rule(ctx, primitive, primals, jacs, laps, params):
+    axis = params["dimension"]
+    unions = []
+    for j in jacs:
+        if is_sparse(j):
+            u = sparse.union_along(j.idx, (axis,), ctx.max_blocks)
+            if u is None:
+                return _too_many(ctx, f"sort along axis {axis}")
+            unions.append(u)
+    target = sparse.union_all(unions)
+    if sparse.count_blocks(target) > ctx.max_blocks:
+        return _too_many(ctx, "sort")
+    rows = target.shape[0] * ctx.block_size
+    datas = {i: sparse.align(j, target) for i, j in enumerate(jacs) if is_sparse(j)}
+    outs, jac_outs, lap_outs = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
+    )
+    return outs, [_wrap(j, target, ctx.block_size) for j in jac_outs], lap_outs
+
+
+# --- structural primitives ---------------------------------------------------
+
+
+def _bid_idx(idx, *, shape, broadcast_dimensions, **_):
+    k = idx.shape[0]
+    tmp = [1] * len(shape)
+    for i, d in enumerate(broadcast_dimensions):
+        tmp[d] = idx.shape[1 + i]
+    return np.broadcast_to(idx.reshape(k, *tmp), (k, *shape))
+
+
+def _reshape_idx(idx, *, new_sizes, dimensions=None, **_):
+    if dimensions is not None:
+        return None
+    return idx.reshape(idx.shape[0], *new_sizes)
+
+
+def _transpose_idx(idx, *, permutation, **_):
+    return np.transpose(idx, (0, *[p + 1 for p in permutation]))
+
+
+def _squeeze_idx(idx, *, dimensions, **_):
+    return np.squeeze(idx, axis=tuple(d + 1 for d in dimensions))
+
+
+def _slice_idx(idx, *, start_indices, limit_indices, strides=None, **_):
+    strides = strides or (1,) * len(start_indices)
+    index = tuple(
+        slice(s, e, st)
+        for s, e, st in zip(start_indices, limit_indices, strides, strict=True)
+    )
+    return idx[(slice(None), *index)]
+
+
+def _rev_idx(idx, *, dimensions, **_):
+    return np.flip(idx, axis=tuple(d + 1 for d in dimensions))
+
+
+_NUMPY_IDX: dict[str, Callable[..., np.ndarray | None]] = {
+    "broadcast_in_dim": _bid_idx,
+    "reshape": _reshape_idx,
+    "transpose": _transpose_idx,
+    "squeeze": _squeeze_idx,
+    "slice": _slice_idx,
+    "rev": _rev_idx,
+}
+
+
+def _numpy_structural_rule(idx_fn):
+    def rule(ctx, primitive, primals, jacs, laps, params):
+        jac = jacs[0]
+        if any(is_sparse(j) or not is_zero(j) for j in jacs[1:]):
+            return Fallback("rule", f"{primitive} with tangents on its shape operands")
+        idx = idx_fn(jac.idx, **params)
+        if idx is None:
+            return Fallback("rule", f"{primitive} with these parameters")
+        rows = jac.k * ctx.block_size
+        out, jac_out, lap_out = dense_rule(primitive)(
+            primals, _rows_jacs(primals, jacs, {0: jac.data}, rows), laps, **params
+        )
+        return out, _wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
+
+    return rule
+
+
+def _common_slots(jacs: Sequence[Any], primals: Sequence[Any], positions) -> tuple:
+    """Pad the sparse operands at `positions` to one slot count; idx for zeros."""
+    k = max(j.k for j in jacs if is_sparse(j))
+    datas, idxs = {}, {}
+    for i in positions:
+        j = jacs[i]
+        if is_sparse(j):
+            j = sparse.pad_slots(j, k)
+            datas[i], idxs[i] = j.data, j.idx
+        else:
+            idxs[i] = np.full((k, *jnp.shape(primals[i])), -1, np.int32)
+    return k, datas, idxs
+
+
+def concatenate_rule(ctx, primitive, primals, jacs, laps, params):
+    k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
+    idx = np.concatenate(
+        [idxs[i] for i in range(len(primals))], axis=params["dimension"] + 1
+    )
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
+    )
+    return out, _wrap(jac_out, idx, ctx.block_size), lap_out
+
+
+def split_rule(ctx, primitive, primals, jacs, laps, params):
+    (jac,) = jacs
+    cuts = np.cumsum(params["sizes"])[:-1]
+    idxs = np.split(jac.idx, cuts, axis=params["axis"] + 1)
+    outs, jac_outs, lap_outs = dense_rule(primitive)(
+        primals, [jac.data], laps, **params
+    )
+    jac_outs = [
+        _wrap(j, np.ascontiguousarray(i), ctx.block_size)
+        for j, i in zip(jac_outs, idxs, strict=True)
+    ]
+    return outs, jac_outs, lap_outs
+
+
+def _eager_idx(fn: Callable[..., Any], *idxs: np.ndarray) -> np.ndarray:
+    """Run a copying primitive on every slot of the (concrete) block indices.
+
+    Indices are shifted by one so that padding and fill values (0) become -1.
+    """
+    k = idxs[0].shape[0]
+    with jax.ensure_compile_time_eval():
+        slots = [
+            np.asarray(fn(*[jnp.asarray(ix[t] + 1, jnp.int32) for ix in idxs]))
+            for t in range(k)
+        ]
+    return (np.stack(slots) - 1).astype(np.int32)
+
+
+def _copy_rule(positions: tuple[int, ...], make_fn):
+    """A rule for a primitive that copies elements of the operands at `positions`.
+
+    The other operands (indices, starts, padding values) must carry no tangent and be
+    known while tracing; `make_fn(params, values)` returns the function that applies
+    the primitive to int32 arrays in place of the copied operands.
+    """
+
+    def rule(ctx, primitive, primals, jacs, laps, params):
+        static = [i for i in range(len(primals)) if i not in positions]
+        if any(not is_zero(jacs[i]) for i in static):
+            return Fallback("rule", f"{primitive} with a tangent on an index operand")
+        values = [_jax.concrete_value(primals[i]) for i in static]
+        if any(v is None for v in values):
+            return Fallback(
+                "rule", f"{primitive} with indices only known at run time (traced)"
+            )
+        k, datas, idxs = _common_slots(jacs, primals, positions)
+        idx = _eager_idx(make_fn(params, values), *[idxs[i] for i in positions])
+        rows = k * ctx.block_size
+        out, jac_out, lap_out = dense_rule(primitive)(
+            primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
+        )
+        return out, _wrap(jac_out, idx, ctx.block_size), lap_out
+
+    return rule
+
+
+def _pad_fn(params, values):
+    return lambda a: lax.pad(a, np.int32(0), params["padding_config"])
+
+
+def _gather_fn(params, values):
+    (indices,) = values
+    p = dict(params, fill_value=0)
+    return lambda a: lax.gather_p.bind(a, jnp.asarray(indices), **p)
+
+
+def _dynamic_slice_fn(params, values):
+    return lambda a: lax.dynamic_slice(
+        a, [int(v) for v in values], params["slice_sizes"]
+    )
+
+
+def _dynamic_update_slice_fn(params, values):
+    return lambda a, u: lax.dynamic_update_slice(a, u, [int(v) for v in values])
+
+
+def _scatter_fn(params, values):
+    (indices,) = values
+    return lambda a, u: lax.scatter(
+        a,
+        jnp.asarray(indices),
+        u,
+        params["dimension_numbers"],
+        indices_are_sorted=params["indices_are_sorted"],
+        unique_indices=params["unique_indices"],
+        mode=params["mode"],
+    )
+
+
+def dynamic_slice_rule(ctx, primitive, primals, jacs, laps, params):
+    """Concrete starts copy exactly; traced starts take the union along sliced axes."""
+    starts = [_jax.concrete_value(s) for s in primals[1:]]
+    if all(s is not None for s in starts):
+        return _copy_rule((0,), _dynamic_slice_fn)(
+            ctx, primitive, primals, jacs, laps, params
+        )
+    jac = jacs[0]
+    sizes = params["slice_sizes"]
+    axes = [d for d, size in enumerate(sizes) if size != jac.shape[d]]
+    target = sparse.union_along(jac.idx, axes, ctx.max_blocks)
+    if target is None:
+        return _too_many(ctx, "dynamic_slice at a traced position")
+    data = sparse.align(jac, target)
+    rows = target.shape[0] * ctx.block_size
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, {0: data}, rows), laps, **params
+    )
+    idx = target[(slice(None), *[slice(0, s) for s in sizes])]
+    return out, _wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
+
+
+# --- dot_general ----------------------------------------------------------------------
+
+
+def _side_idx(
+    idx: np.ndarray, contract, batch, free, other_free: int, a_side: bool
+) -> np.ndarray:
+    """Block indices of one operand laid out as the dot_general output."""
+    kept = [d for d in range(idx.ndim - 1) if d not in contract]
+    reduced = _first_along(idx, contract)
+    order = [kept.index(d) for d in batch] + [kept.index(d) for d in free]
+    r = np.transpose(reduced, (0, *[o + 1 for o in order]))
+    nb, nf = len(batch), len(free)
+    k = r.shape[0]
+    if a_side:  # (k, batch, a_free) -> (k, batch, a_free, 1...)
+        return r.reshape(*r.shape, *([1] * other_free))
+    # (k, batch, b_free) -> (k, batch, 1..., b_free)
+    return r.reshape(k, *r.shape[1 : 1 + nb], *([1] * other_free), *r.shape[1 + nb :])
+
+
+def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
+    (a, b), (ja, jb), (la, lb) = primals, jacs, laps
+    (lc, rc), (lbatch, rbatch) = params["dimension_numbers"]
+    a_free = [d for d in range(jnp.ndim(a)) if d not in lc and d not in lbatch]
+    b_free = [d for d in range(jnp.ndim(b)) if d not in rc and d not in rbatch]
+    out = primitive.bind(a, b, **params)
+    out_shape = tuple(out.shape)
+    bs = ctx.block_size
+    side_a = side_b = None
+    if is_sparse(ja):
+        ua = sparse.union_along(ja.idx, lc, ctx.max_blocks)
+        if ua is None:
+            return _too_many(ctx, "dot_general's contraction")
+        ia = _side_idx(ua, lc, lbatch, a_free, len(b_free), True)
+        side_a = (sparse.align(ja, ua), ua.shape[0], ia)
+    if is_sparse(jb):
+        ub = sparse.union_along(jb.idx, rc, ctx.max_blocks)
+        if ub is None:
+            return _too_many(ctx, "dot_general's contraction")
+        ib = _side_idx(ub, rc, rbatch, b_free, len(a_free), False)
+        side_b = (sparse.align(jb, ub), ub.shape[0], ib)
+    if side_a is None or side_b is None:
+        data, k, ix = side_a if side_a is not None else side_b  # type: ignore[misc]
+        datas = {0: data} if side_a is not None else {1: data}
+        _, jac_out, lap_out = dense_rule(primitive)(
+            primals, _rows_jacs(primals, jacs, datas, k * bs), laps, **params
+        )
+        idx = np.ascontiguousarray(np.broadcast_to(ix, (k, *out_shape)))
+        return out, _wrap(jac_out, idx, bs), lap_out
+    (da, ka, ia), (db, kb, ib) = side_a, side_b
+    oa = np.broadcast_to(ia, (ka, *out_shape))
+    ob = np.broadcast_to(ib, (kb, *out_shape))
+    target = sparse.union(np.ascontiguousarray(oa), np.ascontiguousarray(ob))
+    blocks = sparse.count_blocks(target)
+    if blocks > ctx.max_blocks:
+        return _too_many(ctx, "the result of dot_general", blocks)
+    first_a = jax.vmap(lambda j: primitive.bind(j, b, **params))(da)
+    first_b = jax.vmap(lambda j: primitive.bind(a, j, **params))(db)
+    jac_out = sparse.align(SparseJac(first_a, np.ascontiguousarray(oa), bs), target)
+    jac_out = jac_out + sparse.align(
+        SparseJac(first_b, np.ascontiguousarray(ob), bs), target
+    )
+    lap_out: Any = zero_laplacian(out)
+    if not is_zero(la):
+        lap_out = add(lap_out, primitive.bind(la, b, **params))
+    if not is_zero(lb):
+        lap_out = add(lap_out, primitive.bind(a, lb, **params))
+    cross = _paired_cross(primitive, da, ka, ia, db, kb, ib, params, bs, a, b)
+    if cross is not None:
+        lap_out = add(lap_out, 2 * cross)
+    return out, SparseJac(jac_out, target, bs), lap_out
+
+
+def _paired_cross(primitive, da, ka, ia, db, kb, ib, params, bs, a, b):
+    """sum over directions of dot_general(J_a[k], J_b[k]), pairing equal blocks."""
+    (lc, rc), (lbatch, rbatch) = params["dimension_numbers"]
+    nb = len(lbatch)
+    # Per slot pair: which output elements pair the same block (-1 never pairs).
+    eq = (ia[:, None] == ib[None, :]) & (ia[:, None] >= 0)  # (ka, kb, *out)
+    if not eq.any():
+        return None
+    lhs = da.reshape(ka, bs, *jnp.shape(a))
+    rhs = db.reshape(kb, bs, *jnp.shape(b))
+    shift = lambda dims: tuple(d + 2 for d in dims)  # noqa: E731
+    dims = (((1, *shift(lc)), (1, *shift(rc))), (shift(lbatch), shift(rbatch)))
+    prod = lax.dot_general(
+        lhs, rhs, dims, preferred_element_type=params.get("preferred_element_type")
+    )
+    # prod: (batch, ka, a_free, kb, b_free) -> (ka, kb, batch, a_free, b_free)
+    n_af = len([d for d in range(jnp.ndim(a)) if d not in lc and d not in lbatch])
+    n_bf = len([d for d in range(jnp.ndim(b)) if d not in rc and d not in rbatch])
+    perm = (
+        nb,
+        nb + 1 + n_af,
+        *range(nb),
+        *range(nb + 1, nb + 1 + n_af),
+        *range(nb + 2 + n_af, nb + 2 + n_af + n_bf),
+    )
+    prod = jnp.transpose(prod, perm)
+    mask = sparse.compress(np.broadcast_to(eq, (ka, kb, *prod.shape[2:])))
+    return jnp.sum(jnp.where(mask, prod, 0), axis=(0, 1)).astype(prod.dtype)
+
+
+# --- dispatch ----------------------------------------------------------------
+
+
+def _register() -> None:
+    def lookup(name: str) -> Any:
+        return getattr(lax, f"{name}_p", None)
+
+    table: dict[str, SparseRule] = {}
+    for name in _ELEMENTWISE:
+        table[name] = elementwise_rule
+    for name in [
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "argmax",
+        "argmin",
+    ]:
+        table[name] = reduce_rule
+    for name in ["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"]:
+        table[name] = cumulative_rule
+    table["sort"] = sort_rule
+    for name, fn in _NUMPY_IDX.items():
+        table[name] = _numpy_structural_rule(fn)
+    table["concatenate"] = concatenate_rule
+    table["split"] = split_rule
+    table["pad"] = _copy_rule((0,), _pad_fn)
+    table["gather"] = _copy_rule((0,), _gather_fn)
+    table["dynamic_slice"] = dynamic_slice_rule
+    table["dynamic_update_slice"] = _copy_rule((0, 1), _dynamic_update_slice_fn)
+    table["scatter"] = _copy_rule((0, 2), _scatter_fn)
+    table["dot_general"] = dot_general_rule
+    for name, rule in table.items():
+        prim = lookup(name)
+        if prim is not None:
+            sparse_rules[prim] = rule
+    add_any = getattr(_jax, "add_any_p", None)
+    if add_any is not None:
+        sparse_rules[add_any] = elementwise_rule
+
+
+_register()
+
+
+def densify_operands(
+    ctx: SparseContext, primitive: Any, jacs: Sequence[Any], fallback: Fallback
+) -> list[Any]:
+    """Make every sparse jacobian dense, reporting the densification once."""
+    shapes = [j.shape for j in jacs if is_sparse(j)]
+    ctx.densified(
+        primitive, fallback.cause, fallback.reason, shapes[0], fallback.blocks
+    )
+    return [sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs]
+
+
+def process(
+    ctx: SparseContext,
+    primitive: Any,
+    primals: Sequence[Any],
+    jacs: Sequence[Any],
+    laps: Sequence[Any],
+    params: dict[str, Any],
+) -> tuple[Any, list[Any]]:
+    """Apply `primitive`'s sparse rule; returns `(result or None, jacobians)`.
+
+    When the result is None the returned jacobians are dense and the caller runs the
+    dense path with them.
+    """
+    if any(not is_zero(j) and not is_sparse(j) for j in jacs):
+        fallback = Fallback(
+            "threshold", "an operand's jacobian is already dense", ctx.num_blocks
+        )
+        return None, densify_operands(ctx, primitive, jacs, fallback)
+    rule = sparse_rules.get(primitive)
+    if rule is None:
+        fallback = Fallback("rule", f"fwdlap has no sparse rule for {primitive}")
+        return None, densify_operands(ctx, primitive, jacs, fallback)
+    result = rule(ctx, primitive, list(primals), list(jacs), list(laps), params)
+    if isinstance(result, Fallback):
+        return None, densify_operands(ctx, primitive, jacs, result)
+    return result, list(jacs)
+
+
+def finish(ctx: SparseContext, primitive: Any, out: Any, jac: Any) -> Any:
+    """Normalise a sparse rule's output jacobian: zeros, empty slots, the threshold."""
+    if is_zero(jac):
+        return zero_jacobian(out, ctx.n)
+    if not is_sparse(jac):
+        return jac
+    if not jnp.issubdtype(jax.typeof(out).dtype, jnp.inexact):
+        return zero_jacobian(out, ctx.n)
+    jac = sparse.drop_empty_slots(jac)
+    if not (jac.idx >= 0).any():
+        return zero_jacobian(out, ctx.n)
+    blocks = sparse.count_blocks(jac.idx)
+    if blocks > ctx.max_blocks:
+        ctx.densified(
+            primitive,
+            "threshold",
+            f"the result depends on {blocks} blocks per element, more than "
+            f"{ctx.max_blocks}",
+            jac.shape,
+            blocks,
+        )
+        return sparse.densify(jac, ctx.num_blocks)
+    return jac
+
+
+def is_zero_or_sparse(j: Any) -> bool:
+    return is_zero(j) or is_sparse(j)
+
+
+__all__ = ["Zero", "finish", "process", "sparse_rules"]

@@ -1,0 +1,392 @@
+"""Block-sparse jacobians: the representation and its static index algebra.
+
+The `n` tangent directions are grouped into `num_blocks` blocks of `block_size`
+consecutive directions (the 3 coordinates of one particle, say). A `SparseJac` of a
+value of shape `S` stores, for every element, only the blocks that element can depend
+on:
+
+- `idx`: a NumPy int array `(k, *S)`, known while tracing. `idx[t, s]` is the block
+  held in slot `t` of element `s`, or -1 for an empty slot. The blocks of one element
+  are distinct.
+- `data`: a JAX array `(k * block_size, *S)`. Row `t * block_size + c` holds, for each
+  element, the derivative along direction `c` of the block in slot `t` (zero for an
+  empty slot).
+
+So the dense jacobian is `J[idx[t, s] * block_size + c, s] = data[t * block_size + c,
+s]`, summed over slots. Because the slots of one element name distinct blocks, a
+second-order sum over directions, `sum_k J_k(s)^2`, is the same sum over the rows of
+`data`: that is why dense rules run unchanged on `data` once every operand's slots
+are *aligned* (slot `t` of element `s` names the same block in every operand).
+
+Everything about `idx` is computed with NumPy at trace time; compiled programs only
+see `data` and a few constant masks.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _jax
+
+logger = logging.getLogger("fwdlap.sparse")
+
+ON_DENSIFY = ("ignore", "log", "warn", "raise")
+
+
+class DensificationWarning(UserWarning):
+    """A block-sparse jacobian was made dense because fwdlap had no sparse rule."""
+
+
+class DensificationError(RuntimeError):
+    """Raised for a rule-driven densification under `on_densify="raise"`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Densification:
+    """One place where a block-sparse jacobian became dense.
+
+    **Attributes:**
+
+    - `primitive`: the JAX primitive (or `custom_jvp` function) being processed.
+    - `cause`: `"threshold"` when the values genuinely depend on more blocks than the
+        threshold allows (a sum over particles, say), `"rule"` when fwdlap has no
+        sparse rule for this case and fell back to the dense one.
+    - `reason`: a sentence saying why.
+    - `shape`: the shape of the value whose jacobian became dense.
+    - `blocks`: the number of blocks per element it would have needed (0 if unknown).
+    - `source`: the user's source line that issued the primitive, where known.
+    """
+
+    primitive: str
+    cause: str
+    reason: str
+    shape: tuple[int, ...]
+    blocks: int
+    source: str
+
+    def __str__(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return (
+            f"{self.primitive}{where}: jacobian of shape {self.shape} made dense "
+            f"({self.cause}): {self.reason}"
+        )
+
+
+_recorders: contextvars.ContextVar[tuple[list[Densification], ...]] = (
+    contextvars.ContextVar("fwdlap_densification_recorders", default=())
+)
+
+
+@contextlib.contextmanager
+def record_densifications() -> Iterator[list[Densification]]:
+    """Collect every densification that happens while tracing inside the block."""
+    events: list[Densification] = []
+    token = _recorders.set((*_recorders.get(), events))
+    try:
+        yield events
+    finally:
+        _recorders.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseContext:
+    """The sparse mode of one `lap` call, resolved against its number of directions."""
+
+    block_size: int
+    num_blocks: int
+    max_blocks: int
+    on_densify: str
+
+    @property
+    def n(self) -> int:
+        return self.block_size * self.num_blocks
+
+    def densified(
+        self, primitive: Any, cause: str, reason: str, shape: Any, blocks: int = 0
+    ) -> None:
+        """Report a densification: record it, log it, and warn or raise if asked."""
+        event = Densification(
+            primitive=str(primitive),
+            cause=cause,
+            reason=reason,
+            shape=tuple(int(d) for d in shape),
+            blocks=int(blocks),
+            source=_jax.user_source_line(),
+        )
+        for events in _recorders.get():
+            events.append(event)
+        if self.on_densify != "ignore":
+            logger.debug("%s", event)
+        if cause != "rule":
+            return
+        if self.on_densify == "warn":
+            warnings.warn(
+                f"fwdlap sparse mode: {event}", DensificationWarning, stacklevel=2
+            )
+        elif self.on_densify == "raise":
+            raise DensificationError(
+                f"fwdlap sparse mode (on_densify='raise'): {event}. Give the primitive "
+                "a dense-compatible formulation, or pass on_densify='log' to "
+                "fwdlap.Sparsity to accept the densification."
+            )
+
+
+class SparseJac:
+    """A block-sparse jacobian: `data (k * block_size, *S)` and static `idx (k, *S)`."""
+
+    __slots__ = ("data", "idx", "block_size")
+
+    def __init__(self, data: Any, idx: np.ndarray, block_size: int):
+        self.data = data
+        self.idx = idx
+        self.block_size = block_size
+
+    @property
+    def k(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.idx.shape[1:])
+
+    def with_data(self, data: Any) -> "SparseJac":
+        return SparseJac(data, self.idx, self.block_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseJac(k={self.k}, block_size={self.block_size}, shape={self.shape})"
+        )
+
+
+def is_sparse(x: Any) -> bool:
+    return type(x) is SparseJac
+
+
+# --- the static index algebra (NumPy) ----------------------------------------
+
+
+def compress(mask: np.ndarray) -> np.ndarray:
+    """Shrink every axis along which `mask` is constant to size 1 (for broadcasting)."""
+    for axis in range(mask.ndim):
+        if mask.shape[axis] > 1:
+            first = np.take(mask, [0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, mask.shape), mask):
+                mask = first
+    return mask
+
+
+def _valid_first(idx: np.ndarray) -> np.ndarray:
+    """Move the non-empty slots of every element to the front (stable)."""
+    order = np.argsort(idx < 0, axis=0, kind="stable")
+    return np.take_along_axis(idx, order, axis=0)
+
+
+def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per element, the blocks of `a` then those of `b` not in `a` (same shape `S`)."""
+    if a.shape == b.shape and np.array_equal(a, b):
+        return a
+    in_a = (b[:, None] == a[None]).any(axis=1)
+    extra = _valid_first(np.where(in_a | (b < 0), -1, b))
+    count = int((extra >= 0).sum(axis=0).max()) if extra.size else 0
+    return np.concatenate([a, extra[:count]], axis=0)
+
+
+def union_all(idxs: Sequence[np.ndarray]) -> np.ndarray:
+    out = idxs[0]
+    for other in idxs[1:]:
+        out = union(out, other)
+    return out
+
+
+def is_uniform(idx: np.ndarray, axes: Sequence[int]) -> bool:
+    """Whether every slot is constant along the value axes `axes`."""
+    for axis in axes:
+        first = np.take(idx, [0], axis=axis + 1)
+        if not np.array_equal(np.broadcast_to(first, idx.shape), idx):
+            return False
+    return True
+
+
+def union_along(idx: np.ndarray, axes: Sequence[int], cap: int) -> np.ndarray | None:
+    """Per element, the union over the value axes `axes`, broadcast back along them.
+
+    Returns None as soon as an element would need more than `cap` blocks.
+    """
+    axes = sorted(set(axes))
+    if not axes or is_uniform(idx, axes):
+        return idx
+    src = [a + 1 for a in axes]
+    dst = list(range(1, 1 + len(axes)))
+    moved = np.moveaxis(idx, src, dst)
+    k, lead, rest = (
+        moved.shape[0],
+        moved.shape[1 : 1 + len(axes)],
+        moved.shape[1 + len(axes) :],
+    )
+    flat = moved.reshape(k, int(np.prod(lead)), *rest)
+    out = flat[:, 0]
+    for m in range(1, flat.shape[1]):
+        out = union(out, flat[:, m])
+        if out.shape[0] > cap:
+            return None
+    out = np.broadcast_to(
+        out.reshape(out.shape[0], *([1] * len(axes)), *rest),
+        (out.shape[0], *lead, *rest),
+    )
+    return np.ascontiguousarray(np.moveaxis(out, dst, src))
+
+
+def count_blocks(idx: np.ndarray) -> int:
+    """The largest number of blocks of any element."""
+    return int((idx >= 0).sum(axis=0).max()) if idx.size else 0
+
+
+def pad_slots(sj: SparseJac, k: int) -> SparseJac:
+    """Append empty slots up to `k`."""
+    extra = k - sj.k
+    if extra <= 0:
+        return sj
+    idx = np.concatenate([sj.idx, np.full((extra, *sj.shape), -1, sj.idx.dtype)])
+    zeros = jnp.zeros((extra * sj.block_size, *sj.shape), sj.data.dtype)
+    return SparseJac(jnp.concatenate([sj.data, zeros]), idx, sj.block_size)
+
+
+def drop_empty_slots(sj: SparseJac) -> SparseJac:
+    """Remove slots that are empty for every element (after slicing, say)."""
+    keep = [t for t in range(sj.k) if (sj.idx[t] >= 0).any()]
+    if len(keep) == sj.k or not keep:
+        return sj
+    b = sj.block_size
+    rows = np.concatenate([np.arange(t * b, (t + 1) * b) for t in keep])
+    if keep == list(range(len(keep))):
+        data = sj.data[: len(keep) * b]
+    else:
+        data = jnp.take(sj.data, rows, axis=0)
+    return SparseJac(data, sj.idx[keep], b)
+
+
+# --- moving data between layouts ----------------------------------------------
+
+
+def _slots(sj: SparseJac) -> Any:
+    return sj.data.reshape(sj.k, sj.block_size, *sj.shape)
+
+
+def align(sj: SparseJac, target: np.ndarray) -> Any:
+    """`sj`'s data laid out in the slots of `target`, a per-element superset of `idx`."""
+    if target.shape == sj.idx.shape and np.array_equal(target, sj.idx):
+        return sj.data
+    b, shape = sj.block_size, sj.shape
+    slots = _slots(sj)
+    eq = (sj.idx[None] == target[:, None]) & (target[:, None] >= 0)
+    rows = []
+    for tp in range(target.shape[0]):
+        acc = None
+        for t in range(sj.k):
+            m = eq[tp, t]
+            if not m.any():
+                continue
+            term = slots[t] if m.all() else jnp.where(compress(m)[None], slots[t], 0)
+            acc = term if acc is None else acc + term  # disjoint masks: a select
+        rows.append(jnp.zeros((b, *shape), sj.data.dtype) if acc is None else acc)
+    return jnp.stack(rows).reshape(target.shape[0] * b, *shape)
+
+
+def densify(sj: SparseJac, num_blocks: int) -> Any:
+    """The dense jacobian `(num_blocks * block_size, *S)`."""
+    b, shape = sj.block_size, sj.shape
+    slots = _slots(sj)
+    blocks = np.arange(num_blocks).reshape(num_blocks, *([1] * len(shape)))
+    out = None
+    for t in range(sj.k):
+        onehot = sj.idx[t][None] == blocks
+        if not onehot.any():
+            continue
+        mask = compress(onehot)[:, None]
+        term = jnp.where(mask, slots[t][None], 0)
+        out = term if out is None else out + term
+    if out is None:
+        return jnp.zeros((num_blocks * b, *shape), sj.data.dtype)
+    out = jnp.broadcast_to(out, (num_blocks, b, *shape))
+    return out.reshape(num_blocks * b, *shape)
+
+
+def from_dense_concrete(
+    jac: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(data, idx)` of a concrete dense jacobian `(n, *S)`, from its non-zeros."""
+    n, shape = jac.shape[0], jac.shape[1:]
+    num_blocks = n // block_size
+    blocks = jac.reshape(num_blocks, block_size, *shape)
+    nonzero = (blocks != 0).any(axis=1)  # (num_blocks, *S)
+    k = max(1, int(nonzero.sum(axis=0).max()) if nonzero.size else 1)
+    ids = np.where(nonzero, np.arange(num_blocks).reshape(-1, *([1] * len(shape))), -1)
+    # Largest ids first puts -1 last; reverse to ascending order among valid slots.
+    ordered = -np.sort(-ids, axis=0)[:k][::-1]
+    idx = _valid_first(ordered).astype(np.int32)
+    safe = np.where(idx < 0, 0, idx)
+    gathered = np.take_along_axis(blocks, safe[:, None], axis=0)  # (k, b, *S)
+    gathered = np.where((idx >= 0)[:, None], gathered, 0)
+    return gathered.reshape(k * block_size, *shape), idx
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSpec:
+    """What the user asked for; resolved into a `SparseContext` once `n` is known."""
+
+    block_size: int | None = None
+    threshold: int | None = None
+    on_densify: str = "log"
+
+    def resolve(self, n: int) -> SparseContext:
+        block_size = self.block_size
+        if block_size is None:
+            block_size = 3 if n % 3 == 0 else 1
+        if n % block_size:
+            raise ValueError(
+                f"fwdlap sparse mode: the {n} tangent directions do not split into "
+                f"blocks of block_size={block_size}. Pass fwdlap.Sparsity(block_size=b) "
+                f"with a b that divides {n} (3 for particle coordinates, 1 always works)."
+            )
+        num_blocks = n // block_size
+        if self.threshold is None:
+            max_blocks = max(1, num_blocks // 2)
+        else:
+            max_blocks = max(1, self.threshold // block_size)
+        return SparseContext(block_size, num_blocks, max_blocks, self.on_densify)
+
+
+def sparsify_input(ctx: SparseContext, index: int, primal: Any, jac: Any) -> Any:
+    """The block-sparse form of an input jacobian, if its values are known now."""
+    value = _jax.concrete_value(jac)
+    shape = tuple(np.shape(primal))
+    if value is None:
+        ctx.densified(
+            f"input {index}",
+            "rule",
+            "its jacobian is traced, so its zero pattern is unknown: build it with "
+            "NumPy (np.eye) outside of jax.jit, or use fwdlap.laplacian(..., "
+            "sparsity=...), which builds the identity itself",
+            shape,
+        )
+        return jac
+    data, idx = from_dense_concrete(value, ctx.block_size)
+    blocks = count_blocks(idx)
+    if blocks > ctx.max_blocks:
+        ctx.densified(
+            f"input {index}",
+            "threshold",
+            f"its jacobian already depends on {blocks} blocks per element",
+            shape,
+            blocks,
+        )
+        return jac
+    return SparseJac(jnp.asarray(data, jax.typeof(jac).dtype), idx, ctx.block_size)
