@@ -7,7 +7,6 @@ backend is missing or lacks a feature raises :class:`Unavailable`; the runner
 records that method as ``n/a`` and carries on.
 """
 
-import inspect
 from collections.abc import Callable
 
 import jax
@@ -17,7 +16,7 @@ from jax import lax
 ScalarFn = Callable[[jax.Array], jax.Array]
 
 FOLX_SPARSITY = 6
-"""``sparsity_threshold`` of the sparse folx method (and of ``fwdlap_sparse``)."""
+"""``sparsity_threshold`` of the sparse folx method."""
 
 
 class Unavailable(Exception):
@@ -124,17 +123,14 @@ def fwdlap_chunked(f: ScalarFn) -> ScalarFn:
 def fwdlap_sparse(f: ScalarFn) -> ScalarFn:
     """This library's forward Laplacian with block-sparse jacobians.
 
-    Runs only once ``fwdlap.lap`` accepts a ``sparsity`` keyword (planned work);
-    it is then passed the same threshold as the sparse folx method.
+    ``fwdlap.laplacian(f, sparsity=True)``: blocks of 3 coordinates (one electron),
+    the default threshold (an element stays sparse while it depends on at most half
+    of the electrons).
     """
     fwdlap = _import_fwdlap()
-    try:
-        params = inspect.signature(fwdlap.lap).parameters
-    except (TypeError, ValueError) as err:
-        raise Unavailable(f"cannot inspect fwdlap.lap: {err}") from err
-    if "sparsity" not in params:
-        raise Unavailable("fwdlap.lap has no `sparsity` keyword yet")
-    return lambda x: _fwdlap_call(fwdlap, f, x, sparsity=FOLX_SPARSITY)
+    if not hasattr(fwdlap, "Sparsity"):
+        raise Unavailable("fwdlap has no sparse mode (fwdlap.Sparsity)")
+    return fwdlap.laplacian(f, sparsity=True)
 
 
 METHODS: dict[str, Callable[[ScalarFn], ScalarFn]] = {

@@ -170,6 +170,24 @@ def build_mlp(n: int, key: jax.Array, dtype, width: int = 256, depth: int = 3):
     )
 
 
+def build_particle_mlp(n: int, key: jax.Array, dtype, width: int = 128, depth: int = 3):
+    """A per-particle tanh MLP: ``sum_i MLP(r_i)``, each term sees one electron.
+
+    The extreme case for block-sparse jacobians: every intermediate depends on one
+    electron's 3 coordinates until the final sum.
+    """
+    params = cast_tree(init_mlp(key, [3] + [width] * depth + [1]), dtype)
+    nuclei = jnp.asarray(NUCLEI, jnp.float32)
+
+    def fn(x: jax.Array) -> jax.Array:
+        h = x.reshape(n, 3)
+        for layer in params[:-1]:
+            h = jnp.tanh(dense(layer, h))
+        return jnp.sum(dense(params[-1], h))
+
+    return Model("particle_mlp", n, 3 * n, fn, sample_electrons(nuclei, n))
+
+
 def build_pinn(n: int | None, key: jax.Array, dtype):
     """A PINN-style tanh MLP ``D -> 768 -> 768 -> 512 -> 512 -> 1`` with ``D = 50``."""
     del n
@@ -343,6 +361,7 @@ BUILDERS = {
     "mlp": build_mlp,
     "ferminet": build_ferminet,
     "psiformer": build_psiformer,
+    "particle_mlp": build_particle_mlp,
     "pinn": build_pinn,
 }
 """Model name -> builder ``(n, key, dtype) -> Model``."""

@@ -426,9 +426,9 @@ def run(cfg: Config) -> dict:
 
 
 QUICK = {
-    "models": ("mlp", "ferminet", "psiformer", "pinn"),
+    "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn"),
     "sizes": (8, 16),
-    "quick_sizes": {"psiformer": (8,)},
+    "quick_sizes": {"psiformer": (8,), "particle_mlp": (32,)},
     "methods": tuple(m for m in METHODS if m not in ("folx_sparse", "jvp_of_grad")),
     "repeats": 3,
     "timeout_s": 120.0,
@@ -468,7 +468,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> Config:
     """Merges defaults, ``--quick`` overrides and explicit flags."""
     base = {
-        "models": ("mlp", "ferminet", "psiformer", "pinn"),
+        "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn"),
         "sizes": (8, 16, 32),
         "quick_sizes": {},
         "methods": tuple(METHODS),

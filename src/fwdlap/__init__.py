@@ -8,6 +8,11 @@ from .api import lap as lap
 from .api import lap_filter as lap_filter
 from .api import lap_partial as lap_partial
 from .api._register import register_rule as register_rule
+from .api._sparsity import Densification as Densification
+from .api._sparsity import DensificationError as DensificationError
+from .api._sparsity import DensificationWarning as DensificationWarning
+from .api._sparsity import Sparsity as Sparsity
+from .api._sparsity import record_densifications as record_densifications
 from .api._transforms import hessian_diagonal as hessian_diagonal
 from .api._transforms import laplacian as laplacian
 from .api._transforms import value_grad_and_laplacian as value_grad_and_laplacian
@@ -24,4 +29,11 @@ __all__ += [
     "laplacian",
     "register_rule",
     "value_grad_and_laplacian",
+]
+__all__ += [
+    "Densification",
+    "DensificationError",
+    "DensificationWarning",
+    "Sparsity",
+    "record_densifications",
 ]

@@ -7,6 +7,7 @@ The supported range is declared in `pyproject.toml`; both ends are tested in CI.
 
 import functools
 import inspect
+import sys
 from typing import Any
 
 import jax
@@ -202,17 +203,20 @@ def match_varying(x: Any, aval: Any) -> Any:
 # --- sparse mode --------------------------------------------------------------------
 from jax._src import source_info_util as _source_info_util  # noqa: E402
 
-
 _FWDLAP_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[1])
 
 
 def user_source_line() -> str:
     """`file:line (function)` of the user code that issued the current primitive."""
     try:
-        frames = _source_info_util.user_frames(_source_info_util.current().traceback)
-        for frame in frames:
-            if not frame.file_name.startswith(_FWDLAP_DIR):
-                return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+        frame = sys._getframe(1)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if not name.startswith(_FWDLAP_DIR) and _source_info_util.is_user_filename(
+                name
+            ):
+                return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            frame = frame.f_back
     except Exception:  # noqa: BLE001 - only used in messages
         pass
     return ""

@@ -281,7 +281,7 @@ def _slots(sj: SparseJac) -> Any:
 
 
 def align(sj: SparseJac, target: np.ndarray) -> Any:
-    """`sj`'s data laid out in the slots of `target`, a per-element superset of `idx`."""
+    """`sj`'s data in the slots of `target`, a per-element superset of `sj.idx`."""
     if target.shape == sj.idx.shape and np.array_equal(target, sj.idx):
         return sj.data
     b, shape = sj.block_size, sj.shape
@@ -300,23 +300,39 @@ def align(sj: SparseJac, target: np.ndarray) -> Any:
     return jnp.stack(rows).reshape(target.shape[0] * b, *shape)
 
 
-def densify(sj: SparseJac, num_blocks: int) -> Any:
-    """The dense jacobian `(num_blocks * block_size, *S)`."""
+def densify(sj: SparseJac, num_blocks: int, axes: Sequence[int] = ()) -> Any:
+    """The dense jacobian `(num_blocks * block_size, *S)`, summed over value `axes`.
+
+    Each slot scatters into the dense layout through a one-hot matrix of its block
+    indices, as one einsum: a slot whose blocks vary along a summed axis becomes a
+    matrix product (a sum over particles, say), one constant along it is summed first.
+    """
     b, shape = sj.block_size, sj.shape
+    axes = sorted(set(axes))
+    out_axes = [a for a in range(len(shape)) if a not in axes]
+    letters = "abcdefghijklmnopqrstuvwx"[: len(shape)]
     slots = _slots(sj)
     blocks = np.arange(num_blocks).reshape(num_blocks, *([1] * len(shape)))
+    out_spec = "yz" + "".join(letters[a] for a in out_axes)
     out = None
     for t in range(sj.k):
-        onehot = sj.idx[t][None] == blocks
+        onehot = compress(sj.idx[t][None] == blocks)
         if not onehot.any():
             continue
-        mask = compress(onehot)[:, None]
-        term = jnp.where(mask, slots[t][None], 0)
+        keep = [a for a in range(len(shape)) if onehot.shape[a + 1] > 1]
+        onehot = onehot.reshape(num_blocks, *[shape[a] for a in keep])
+        spec = f"z{letters},y{''.join(letters[a] for a in keep)}->{out_spec}"
+        term = jnp.einsum(
+            spec,
+            slots[t],
+            onehot.astype(sj.data.dtype),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         out = term if out is None else out + term
+    out_shape = tuple(shape[a] for a in out_axes)
     if out is None:
-        return jnp.zeros((num_blocks * b, *shape), sj.data.dtype)
-    out = jnp.broadcast_to(out, (num_blocks, b, *shape))
-    return out.reshape(num_blocks * b, *shape)
+        return jnp.zeros((num_blocks * b, *out_shape), sj.data.dtype)
+    return out.reshape(num_blocks * b, *out_shape)
 
 
 def from_dense_concrete(
@@ -353,8 +369,9 @@ class SparseSpec:
         if n % block_size:
             raise ValueError(
                 f"fwdlap sparse mode: the {n} tangent directions do not split into "
-                f"blocks of block_size={block_size}. Pass fwdlap.Sparsity(block_size=b) "
-                f"with a b that divides {n} (3 for particle coordinates, 1 always works)."
+                f"blocks of block_size={block_size}. Pass "
+                f"fwdlap.Sparsity(block_size=b) with a b that divides {n} (3 for "
+                "particle coordinates; 1 always works)."
             )
         num_blocks = n // block_size
         if self.threshold is None:

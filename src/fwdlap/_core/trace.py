@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.tree_util import Partial
 
 from . import _jax, registry, sparse
@@ -297,6 +298,9 @@ def lap_flat(
                 j if is_zero(j) else sparse.sparsify_input(ctx, i, p, j)
                 for i, (p, j) in enumerate(zip(primals, jacobians, strict=True))
             ]
+        jacobians = [
+            jax.numpy.asarray(j) if isinstance(j, np.ndarray) else j for j in jacobians
+        ]
         in_tracers = [
             maybe_lap_tracer(trace, p, j, _normalize(p, lp, zero_laplacian(p)))
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)

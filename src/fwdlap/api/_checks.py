@@ -479,6 +479,11 @@ def _canonical(tangent: Any, spec: LeafSpec, zero: Any) -> Any:
     aval: Any = jax.typeof(tangent)
     if aval.dtype == jax.dtypes.float0:
         return zero
+    if isinstance(tangent, np.ndarray):
+        # Stays NumPy: under jax.jit, jnp.asarray would turn it into a tracer and hide
+        # its zero pattern from the sparse mode.
+        array = cast(np.ndarray[Any, Any], tangent)
+        return array.astype(spec.tangent_dtype, copy=False)
     return jnp.asarray(tangent, dtype=spec.tangent_dtype)
 
 
@@ -494,7 +499,7 @@ else:
     @jaxtyped(typechecker=beartype)
     def _annotated_contract(
         primals: PyTree[ArrayLike, " T"],
-        jacobians: PyTree[Inexact[Array, "n ..."] | Zero, " T"],
+        jacobians: PyTree[Inexact[Array | np.ndarray, "n ..."] | Zero, " T"],
         laplacians: PyTree[Inexact[Array, "..."] | Zero, " T"],
     ) -> None:
         """The contract of the canonical leaves, checked by jaxtyping + beartype.

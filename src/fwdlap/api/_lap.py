@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 
 from .._core import lap_flat, lap_partial_flat
 from .._core.zeros import Zero
-from . import _checks
+from . import _checks, _sparsity
 from ._checks import Jacobians, Laplacians, OutTree, Primals
 
 _LAP = "fwdlap.lap"
@@ -58,6 +58,8 @@ def lap(
     primals: Primals,
     jacobians: Jacobians,
     laplacians: Laplacians,
+    *,
+    sparsity: "_sparsity.Sparsity | int | bool | None" = None,
 ) -> tuple[OutTree, OutTree, OutTree]:
     r"""Evaluate a function with its jacobian and Laplacian in one forward pass.
 
@@ -103,6 +105,14 @@ def lap(
         argument: direction `k` is the `k`-th slice of every leaf.
     - `laplacians`: the input laplacian, with the structure of `primals`; each leaf
         has its primal leaf's shape. Usually all zero: pass `None` for each argument.
+    - `sparsity`: `None` (the default) for dense jacobians, or the block-sparse mode:
+        `True`, an int threshold or a [`fwdlap.Sparsity`][]. The sparse mode reads
+        the zero pattern of each jacobian leaf from its values, so they must be known
+        while tracing: NumPy arrays, or JAX arrays created outside `jax.jit`. A
+        jacobian that is a tracer (built inside `jax.jit` or `jax.vmap`) is carried
+        dense, and that is reported as a [`fwdlap.Densification`][].
+        [`fwdlap.laplacian`][] builds its identity itself and has no such caveat.
+        The outputs are dense either way.
 
     **Returns:**
 
@@ -131,6 +141,7 @@ def lap(
     # jac has shape (3,): the gradient of f in x; lap is the Laplacian of f in x.
     ```
     """
+    spec = _sparsity.to_spec(_LAP, sparsity)
     checked = _checks.check_inputs(
         _LAP, fun, primals, jacobians, laplacians, filtered=False
     )
@@ -142,6 +153,7 @@ def lap(
         list(checked.jacobians),
         list(checked.laplacians),
         checked.n,
+        spec,
     )
     avals = [jax.typeof(o) for o in outs]
     jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]

@@ -21,6 +21,7 @@ from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
+from ._sparsity import Sparsity, to_spec
 
 _LAPLACIAN = "fwdlap.laplacian"
 _VGL = "fwdlap.value_grad_and_laplacian"
@@ -131,6 +132,18 @@ def _split_rows(rows: jax.Array, arg: _Argument) -> Any:
     for leaf, size in zip(arg.leaves, arg.sizes, strict=True):
         piece = rows[:, offset : offset + size].reshape(k, *leaf.shape)
         out.append(piece.astype(leaf.dtype))
+        offset += size
+    return jax.tree_util.tree_unflatten(arg.treedef, out)
+
+
+def _split_rows_numpy(rows: np.ndarray, arg: _Argument) -> Any:
+    """`_split_rows` in NumPy: the seeds stay concrete, which the sparse mode needs."""
+    k = rows.shape[0]
+    out: list[np.ndarray] = []
+    offset = 0
+    for leaf, size in zip(arg.leaves, arg.sizes, strict=True):
+        piece = rows[:, offset : offset + size].reshape(k, *leaf.shape)
+        out.append(piece.astype(np.dtype(leaf.dtype)))
         offset += size
     return jax.tree_util.tree_unflatten(arg.treedef, out)
 
@@ -302,6 +315,7 @@ def _evaluate(
     groups: list[_Seeds],
     chunk_size: int | None,
     want_jacobian: bool,
+    sparsity: Any = None,
 ) -> tuple[Any, Any, Any]:
     """`(out, sum_g sign_g sum_k s_k^T H s_k, jacobian rows or None)` over all seeds.
 
@@ -312,6 +326,14 @@ def _evaluate(
     most = max(g.num for g in groups)
     size = most if chunk_size is None else min(chunk_size, most)
     zero_laps = _zero_laplacians(arg)
+
+    if sparsity is not None:  # identity seeds only (checked by the callers)
+        eye = np.eye(dim, dtype=np.dtype(dtype))
+        jac = _split_rows_numpy(eye, arg)
+        out, jac_out, lap_out = _lap_fn(
+            f_x, (arg.tree,), (jac,), (zero_laps,), sparsity=sparsity
+        )
+        return out, lap_out, jac_out if want_jacobian else None
 
     if len(groups) == 1 and groups[0].num == size:
         g = groups[0]
@@ -393,6 +415,7 @@ def laplacian(
     probes: int | None = None,
     key: Any = None,
     probe_distribution: Literal["rademacher", "gaussian"] = "rademacher",
+    sparsity: Sparsity | int | bool | None = None,
 ) -> Callable[..., Any]:
     r"""The Laplacian of `fun` with respect to one or more arguments, as a function.
 
@@ -426,6 +449,11 @@ def laplacian(
         with `chunk_size` instead of with $d$, at the price of a sequential loop.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
+    - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:
+        `True`, an int threshold or a [`fwdlap.Sparsity`][]. It pays off when the
+        function's early layers act on one particle (block of coordinates) at a time,
+        as in FermiNet- or Psiformer-shaped wavefunctions. It cannot be combined with
+        `weights`, `chunk_size` or `probes`.
     - `key`: a `jax.random` key for the probes.
     - `probe_distribution`: `"rademacher"` (entries $\pm 1$, the default) or
         `"gaussian"` (standard normal entries).
@@ -484,6 +512,13 @@ def laplacian(
     nums, is_tuple = _normalize_argnums(_LAPLACIAN, argnums)
     chunk = _check_positive_int(_LAPLACIAN, "chunk_size", chunk_size)
     num_probes = _check_positive_int(_LAPLACIAN, "probes", probes)
+    sparse = _check_sparsity(
+        _LAPLACIAN,
+        sparsity,
+        weights=weights is not None,
+        chunk_size=chunk is not None,
+        probes=num_probes is not None,
+    )
     if num_probes is not None and key is None:
         raise TypeError(
             f"{_LAPLACIAN}: `probes={num_probes}` needs a random key: pass "
@@ -511,7 +546,9 @@ def laplacian(
             groups = _probe_seeds(
                 _LAPLACIAN, groups, num_probes, key, probe_distribution, arg
             )
-        _, lap_out, _ = _evaluate(f_x, arg, groups, chunk, want_jacobian=False)
+        _, lap_out, _ = _evaluate(
+            f_x, arg, groups, chunk, want_jacobian=False, sparsity=sparse
+        )
         return lap_out
 
     return laplacian_fun
@@ -522,6 +559,7 @@ def value_grad_and_laplacian(
     argnums: int | Sequence[int] = 0,
     *,
     chunk_size: int | None = None,
+    sparsity: Sparsity | int | bool | None = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
     r"""The value, gradient and Laplacian of a scalar function, in one forward pass.
 
@@ -540,6 +578,8 @@ def value_grad_and_laplacian(
     - `chunk_size`: as in `fwdlap.laplacian`: evaluate the directions in blocks of this
         many inside a loop, so that memory no longer grows with the number of
         coordinates.
+    - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
+        [`fwdlap.Sparsity`][] for the block-sparse mode (not with `chunk_size`).
 
     **Returns:**
 
@@ -562,6 +602,7 @@ def value_grad_and_laplacian(
     """
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
     chunk = _check_positive_int(_VGL, "chunk_size", chunk_size)
+    sparse = _check_sparsity(_VGL, sparsity, chunk_size=chunk is not None)
 
     @functools.wraps(fun)
     def vgl_fun(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
@@ -578,7 +619,12 @@ def value_grad_and_laplacian(
             return out
 
         out, lap_out, rows = _evaluate(
-            scalar_f, arg, [_Seeds(arg.dim, 1.0)], chunk, want_jacobian=True
+            scalar_f,
+            arg,
+            [_Seeds(arg.dim, 1.0)],
+            chunk,
+            want_jacobian=True,
+            sparsity=sparse,
         )
         flat_grad = rows.reshape(arg.dim)
         pieces = _split_vector(flat_grad, arg, ())
@@ -590,6 +636,20 @@ def value_grad_and_laplacian(
         return out, grad, lap_out
 
     return vgl_fun
+
+
+def _check_sparsity(api: str, sparsity: Any, **others: bool) -> Any:
+    """`sparsity` if the sparse mode is on (validated), else None."""
+    if to_spec(api, sparsity) is None:
+        return None
+    clashes = [name for name, given in others.items() if given]
+    if clashes:
+        raise ValueError(
+            f"{api}: `sparsity` cannot be combined with `{clashes[0]}`: the sparse "
+            "mode pushes the identity through the function in one pass. Drop one of "
+            "the two."
+        )
+    return sparsity
 
 
 def _is_real_scalar(out: Any) -> bool:

@@ -150,11 +150,34 @@ def reduce_rule(ctx, primitive, primals, jacs, laps, params):
     (jac,) = jacs
     axes = tuple(params["axes"])
     target = sparse.union_along(jac.idx, axes, ctx.max_blocks)
+    if target is None and primitive is lax.reduce_sum_p:
+        return _dense_sum(ctx, primals, jac, laps, params)
     if target is None:
         return _too_many(ctx, f"{primitive} over axes {axes}")
     data = sparse.align(jac, target)
     out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
     return out, _wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
+
+
+def _dense_sum(ctx, primals, jac, laps, params):
+    """A sum over more blocks than the threshold: scatter straight into dense form."""
+    axes = tuple(params["axes"])
+    (x,), (lap,) = primals, laps
+    out = lax.reduce_sum_p.bind(x, **params)
+    full = sparse.union_along(jac.idx, axes, ctx.num_blocks)
+    blocks = 0 if full is None else sparse.count_blocks(full)
+    ctx.densified(
+        lax.reduce_sum_p,
+        "threshold",
+        f"the sum over axes {axes} depends on {blocks} blocks per element, more "
+        f"than {ctx.max_blocks}",
+        jac.shape,
+        blocks,
+    )
+    lap_out = (
+        zero_laplacian(out) if is_zero(lap) else lax.reduce_sum_p.bind(lap, **params)
+    )
+    return out, sparse.densify(jac, ctx.num_blocks, axes), lap_out
 
 
 def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
@@ -400,7 +423,7 @@ def _side_idx(
     reduced = _first_along(idx, contract)
     order = [kept.index(d) for d in batch] + [kept.index(d) for d in free]
     r = np.transpose(reduced, (0, *[o + 1 for o in order]))
-    nb, nf = len(batch), len(free)
+    nb = len(batch)
     k = r.shape[0]
     if a_side:  # (k, batch, a_free) -> (k, batch, a_free, 1...)
         return r.reshape(*r.shape, *([1] * other_free))
