@@ -223,8 +223,49 @@ def user_source_line() -> str:
 
 
 def concrete_value(x: Any) -> Any:
-    """`x` as a NumPy array if its value is known while tracing, else None."""
-    if isinstance(x, Tracer):
-        value = to_concrete_value(x)
-        return None if value is None else np.asarray(value)
-    return np.asarray(x)
+    """`x` as a NumPy array if its value is known while tracing, else None.
+
+    Under `jax.jit`, index arrays written as constants in user code reach primitives
+    as tracers (`jnp.asarray`, negative-index normalisation, ...). Their values are
+    recovered by evaluating their producing equations when these depend on constants
+    only (JAX >= 0.10 records each tracer's producing equation).
+    """
+    if not isinstance(x, Tracer):
+        return np.asarray(x)
+    value = to_concrete_value(x)
+    if value is not None:
+        return np.asarray(value)
+    try:
+        return _fold_constant(x, _FOLD_DEPTH)
+    except Exception:  # noqa: BLE001 - anything unexpected means "not known"
+        return None
+
+
+_FOLD_DEPTH = 24
+_FOLD_MAX_SIZE = 1 << 20
+
+
+def _fold_constant(tracer: Any, depth: int) -> Any:
+    get_const = getattr(tracer, "get_const", None)
+    if get_const is not None:
+        const = get_const()
+        if const is not None:
+            return np.asarray(const)
+    parent = getattr(tracer, "parent", None)
+    if parent is None or depth == 0 or parent.effects:
+        return None
+    if getattr(tracer.aval, "size", _FOLD_MAX_SIZE) >= _FOLD_MAX_SIZE:
+        return None
+    ins = []
+    for t in parent.in_tracers:
+        value = _fold_constant(t, depth - 1) if isinstance(t, Tracer) else t
+        if value is None:
+            return None
+        ins.append(value)
+    with jax.ensure_compile_time_eval():
+        outs = parent.primitive.bind(*ins, **parent.params)
+    outs = outs if parent.primitive.multiple_results else [outs]
+    for out, var in zip(outs, parent.outvars, strict=True):
+        if var is tracer.val:
+            return np.asarray(out)
+    return None

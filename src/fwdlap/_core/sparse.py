@@ -190,13 +190,20 @@ def _valid_first(idx: np.ndarray) -> np.ndarray:
 
 
 def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per element, the blocks of `a` then those of `b` not in `a` (same shape `S`)."""
+    """Per element, the blocks of `a` then those of `b` not in `a` (same shape `S`).
+
+    Slots stay where `a` has them when `a` has no empty slot before a full one, so that
+    aligning `a` to the result costs nothing in the common cases.
+    """
     if a.shape == b.shape and np.array_equal(a, b):
         return a
     in_a = (b[:, None] == a[None]).any(axis=1)
-    extra = _valid_first(np.where(in_a | (b < 0), -1, b))
-    count = int((extra >= 0).sum(axis=0).max()) if extra.size else 0
-    return np.concatenate([a, extra[:count]], axis=0)
+    extra = np.where(in_a | (b < 0), -1, b)
+    if not (extra >= 0).any():
+        return a
+    merged = _valid_first(np.concatenate([a, extra], axis=0))
+    count = int((merged >= 0).sum(axis=0).max())
+    return np.ascontiguousarray(merged[: max(count, 1)])
 
 
 def union_all(idxs: Sequence[np.ndarray]) -> np.ndarray:
@@ -320,14 +327,21 @@ def densify(sj: SparseJac, num_blocks: int, axes: Sequence[int] = ()) -> Any:
         if not onehot.any():
             continue
         keep = [a for a in range(len(shape)) if onehot.shape[a + 1] > 1]
-        onehot = onehot.reshape(num_blocks, *[shape[a] for a in keep])
-        spec = f"z{letters},y{''.join(letters[a] for a in keep)}->{out_spec}"
-        term = jnp.einsum(
-            spec,
-            slots[t],
-            onehot.astype(sj.data.dtype),
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        if any(a in axes for a in keep):
+            # The block varies along a summed axis: a matrix product with the one-hot.
+            onehot = onehot.reshape(num_blocks, *[shape[a] for a in keep])
+            spec = f"z{letters},y{''.join(letters[a] for a in keep)}->{out_spec}"
+            term = jnp.einsum(
+                spec,
+                slots[t],
+                onehot.astype(sj.data.dtype),
+                precision=jax.lax.Precision.HIGHEST,
+            )
+        else:
+            # Sum first, then place: a select that XLA fuses with its consumer.
+            summed = jnp.sum(slots[t], axis=tuple(a + 1 for a in axes))
+            mask = np.squeeze(onehot, axis=tuple(a + 1 for a in axes))
+            term = jnp.where(mask[:, None], summed[None], 0)
         out = term if out is None else out + term
     out_shape = tuple(shape[a] for a in out_axes)
     if out is None:

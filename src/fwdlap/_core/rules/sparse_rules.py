@@ -128,7 +128,7 @@ def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
 
 _ELEMENTWISE = [
     "add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "neg", "sign",
-    "floor", "ceil", "round", "is_finite", "nextafter", "select_n", "clamp",
+    "floor", "ceil", "round", "nextafter", "select_n", "clamp",
     "convert_element_type", "copy", "copy_p", "reduce_precision", "exp", "exp2",
     "log", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "tanh", "logistic",
     "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "abs", "atan", "asin", "acos",
@@ -329,25 +329,35 @@ def _eager_idx(fn: Callable[..., Any], *idxs: np.ndarray) -> np.ndarray:
     return (np.stack(slots) - 1).astype(np.int32)
 
 
-def _copy_rule(positions: tuple[int, ...], make_fn):
+def _copy_rule(positions: tuple[int, ...], make_fn, needs_values: bool = True):
     """A rule for a primitive that copies elements of the operands at `positions`.
 
-    The other operands (indices, starts, padding values) must carry no tangent and be
-    known while tracing; `make_fn(params, values)` returns the function that applies
-    the primitive to int32 arrays in place of the copied operands.
+    The other operands (indices, starts, padding values) must carry no tangent and,
+    with `needs_values`, be known while tracing; `make_fn(params, values)` returns the
+    function that applies the primitive to int32 arrays in place of the copied
+    operands (and may return a `Fallback` instead).
     """
 
     def rule(ctx, primitive, primals, jacs, laps, params):
         static = [i for i in range(len(primals)) if i not in positions]
         if any(not is_zero(jacs[i]) for i in static):
             return Fallback("rule", f"{primitive} with a tangent on an index operand")
-        values = [_jax.concrete_value(primals[i]) for i in static]
+        values = (
+            [_jax.concrete_value(primals[i]) for i in static] if needs_values else []
+        )
         if any(v is None for v in values):
             return Fallback(
                 "rule", f"{primitive} with indices only known at run time (traced)"
             )
         k, datas, idxs = _common_slots(jacs, primals, positions)
-        idx = _eager_idx(make_fn(params, values), *[idxs[i] for i in positions])
+        fn = make_fn(params, values)
+        if isinstance(fn, Fallback):
+            return fn
+        if hasattr(fn, "check"):
+            problem = fn.check(*[idxs[i] for i in positions])
+            if problem is not None:
+                return problem
+        idx = _eager_idx(fn, *[idxs[i] for i in positions])
         rows = k * ctx.block_size
         out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
@@ -375,6 +385,41 @@ def _dynamic_slice_fn(params, values):
 
 def _dynamic_update_slice_fn(params, values):
     return lambda a, u: lax.dynamic_update_slice(a, u, [int(v) for v in values])
+
+
+class _ScatterAdd:
+    """`scatter_add` on block indices; valid while no element receives two sources."""
+
+    def __init__(self, params, values):
+        (self.indices,) = values
+        self.params = params
+
+    def __call__(self, a, u):
+        p = self.params
+        return lax.scatter_add(
+            a,
+            jnp.asarray(self.indices),
+            u,
+            p["dimension_numbers"],
+            indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"],
+            mode=p["mode"],
+        )
+
+    def check(self, operand_idx, update_idx):
+        """A Fallback if some output element sums tangents from two sources."""
+        has = lambda idx: (idx >= 0).any(axis=0).astype(np.int32)  # noqa: E731
+        with jax.ensure_compile_time_eval():
+            counts = np.asarray(
+                self(jnp.asarray(has(operand_idx)), jnp.asarray(has(update_idx)))
+            )
+        if counts.max(initial=0) > 1:
+            return Fallback(
+                "rule",
+                "scatter_add sums tangent-carrying elements from several sources "
+                "into one element",
+            )
+        return None
 
 
 def _scatter_fn(params, values):
@@ -514,6 +559,23 @@ def _paired_cross(primitive, da, ka, ia, db, kb, ib, params, bs, a, b):
     return jnp.sum(jnp.where(mask, prod, 0), axis=(0, 1)).astype(prod.dtype)
 
 
+def no_tangent_rule(ctx, primitive, primals, jacs, laps, params):
+    """Primitives whose outputs carry no tangent (comparisons, argmax, ...)."""
+    out = primitive.bind(*primals, **params)
+    outs = out if primitive.multiple_results else [out]
+    jac_outs = [zero_jacobian(o, ctx.n) for o in outs]
+    lap_outs = [zero_laplacian(o) for o in outs]
+    if primitive.multiple_results:
+        return outs, jac_outs, lap_outs
+    return out, jac_outs[0], lap_outs[0]
+
+
+_NO_TANGENT = [
+    "eq", "ne", "lt", "le", "gt", "ge", "argmax", "argmin", "is_finite", "and",
+    "or", "not", "xor", "reduce_and", "reduce_or", "reduce_xor", "population_count",
+]  # fmt: skip
+
+
 # --- dispatch ----------------------------------------------------------------
 
 
@@ -529,22 +591,23 @@ def _register() -> None:
         "reduce_max",
         "reduce_min",
         "reduce_prod",
-        "argmax",
-        "argmin",
     ]:
         table[name] = reduce_rule
     for name in ["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"]:
         table[name] = cumulative_rule
     table["sort"] = sort_rule
+    for name in _NO_TANGENT:
+        table[name] = no_tangent_rule
     for name, fn in _NUMPY_IDX.items():
         table[name] = _numpy_structural_rule(fn)
     table["concatenate"] = concatenate_rule
     table["split"] = split_rule
-    table["pad"] = _copy_rule((0,), _pad_fn)
+    table["pad"] = _copy_rule((0,), _pad_fn, needs_values=False)
     table["gather"] = _copy_rule((0,), _gather_fn)
     table["dynamic_slice"] = dynamic_slice_rule
     table["dynamic_update_slice"] = _copy_rule((0, 1), _dynamic_update_slice_fn)
     table["scatter"] = _copy_rule((0, 2), _scatter_fn)
+    table["scatter_add"] = _copy_rule((0, 2), _ScatterAdd)
     table["dot_general"] = dot_general_rule
     for name, rule in table.items():
         prim = lookup(name)
