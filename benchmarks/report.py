@@ -25,6 +25,9 @@ COLUMNS = (
     "err / hessian err",
     "ratio vs folx_dense",
     "ratio vs ferminet_loop",
+    "ratio vs folx_sparse",
+    "ratio vs fwdlap",
+    "compile vs folx_sparse",
 )
 """Columns of the markdown table, in order."""
 
@@ -41,12 +44,12 @@ def fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def ratio(cell: dict, record: dict, base: str) -> float | None:
-    """Run time of ``record`` over that of method ``base`` in the same cell."""
+def ratio(cell: dict, record: dict, base: str, key: str = "run_ms") -> float | None:
+    """``key`` (run time) of ``record`` over that of method ``base`` in the cell."""
     other = cell["methods"].get(base, {})
-    if record.get("run_ms") is None or not other.get("run_ms"):
+    if record.get(key) is None or not other.get(key):
         return None
-    return record["run_ms"] / other["run_ms"]
+    return record[key] / other[key]
 
 
 def hessian_error(cell: dict) -> float | None:
@@ -61,7 +64,7 @@ def table_row(cell: dict, name: str, record: dict) -> list[str]:
     if record["status"] != "ok":
         reason = record.get("reason", "")
         text = f"{record['status']} ({reason})" if reason else record["status"]
-        return head + ["-", text.replace("|", "/")] + ["-"] * 5
+        return head + ["-", text.replace("|", "/")] + ["-"] * 8
     temp = record.get("temp_bytes")
     err = record.get("max_rel_err")
     href = hessian_error(cell)
@@ -73,6 +76,9 @@ def table_row(cell: dict, name: str, record: dict) -> list[str]:
         fmt(None if err is None or not href else err / href, ".2f"),
         fmt(ratio(cell, record, "folx_dense"), ".2f"),
         fmt(ratio(cell, record, "ferminet_loop"), ".2f"),
+        fmt(ratio(cell, record, "folx_sparse"), ".2f"),
+        fmt(ratio(cell, record, "fwdlap"), ".2f"),
+        fmt(ratio(cell, record, "folx_sparse", "compile_s"), ".2f"),
     ]
 
 
@@ -133,7 +139,9 @@ def markdown_report(results: dict) -> str:
         "max rel err is against a float64 `jax.hessian` reference; "
         "err / hessian err divides it by float32 `jax.hessian`'s own error "
         "(batched row, or an unbatched run where the batched one is skipped); "
-        "the ratio columns divide run times measured in the same process.",
+        "the ratio columns divide run times measured in the same process "
+        "(`fwdlap` is the dense single pass); compile vs folx_sparse divides "
+        "compile times.",
         "",
     ]
     return "\n".join(parts)

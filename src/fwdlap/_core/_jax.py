@@ -116,8 +116,8 @@ def close_jaxpr(jaxpr: Any) -> Any:
 # --- custom_jvp functions with dedicated rules (fwdlap.register_rule) ---------------
 # `jnp.linalg.slogdet` and `jnp.linalg.det` are jitted wrappers around these private
 # `jax.custom_jvp` objects; fwdlap ships rules for them (rules/linalg.py).
-# `_slogdet_small` (JAX >= 0.10, 1x1 and 2x2 closed forms) is left to the generic
-# path: it is already cheap.
+# `_slogdet_small` (JAX >= 0.10, 1x1 and 2x2 closed forms) keeps JAX's dense path (it
+# is cheap); only its block-sparse variant is registered.
 from jax._src import api_util as _api_util  # noqa: E402
 from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402, F401
 from jax._src.numpy import linalg as _np_linalg  # noqa: E402
@@ -129,6 +129,8 @@ slogdet_custom_jvps: tuple[Any, ...] = tuple(
     if f is not None
 )
 det_custom_jvp: Any = getattr(_np_linalg, "_det", None)
+# JAX >= 0.10 computes 1x1 and 2x2 slogdets in closed form (`_slogdet_small`).
+slogdet_small_custom_jvp: Any = getattr(_np_linalg, "_slogdet_small", None)
 
 # The only transformations allowed between a custom_jvp function and the `fun` that
 # reaches `process_custom_jvp_call` for a dedicated rule to apply: output flattening.

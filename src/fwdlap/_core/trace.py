@@ -78,10 +78,12 @@ class LapTrace(_jax.Trace):
         if all(is_zero(t) for t in (*jacs, *laps)):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
-            inline = _inline_jaxpr(primitive, params)
+            inline = _inline_jaxpr(primitive, params, primals)
             if inline is not None:
+                closed, args = inline(tracers)
                 with _jax.set_current_trace(self):
-                    return _jax.eval_jaxpr(inline.jaxpr, inline.consts, *tracers)
+                    outs = _jax.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+                return outs if primitive.multiple_results else outs[0]
             sparse_out, jacs = self._process_sparse(
                 primitive, primals, jacs, laps, params
             )
@@ -148,10 +150,16 @@ class LapTrace(_jax.Trace):
 
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
             outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
+            if outs is None and registry.find_custom_jvp_rule(fun) is None:
+                outs = self._traced_custom_jvp(
+                    fun, primals, jacs, laps, jvp, symbolic_zeros
+                )
             if outs is not None:
                 return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
             jacs = self._densify_all(
-                fun, jacs, "a custom_jvp function without a sparse rule"
+                _custom_jvp_name(fun),
+                jacs,
+                "a custom_jvp function without a sparse rule",
             )
         with _jax.set_current_trace(self.parent_trace):
             # A rule registered for this custom_jvp function (fwdlap.register_rule),
@@ -171,6 +179,41 @@ class LapTrace(_jax.Trace):
             return [
                 sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs
             ]
+
+    def _traced_custom_jvp(
+        self, fun: Any, primals: Any, jacs: Any, laps: Any, jvp: Any, zeros: bool
+    ) -> Any:
+        """Differentiate the JVP rule, on aligned data if it is elementwise."""
+        from .rules import sparse_rules
+        from .rules.custom import trace_jvp_rule
+        from .rules.generic import laplacian_from_jvp
+
+        ctx = self.sparse
+        assert ctx is not None
+        name = _custom_jvp_name(fun)
+        with _jax.set_current_trace(self.parent_trace):
+            jvp_fn, closed = trace_jvp_rule(primals, jacs, laps, jvp, zeros)
+            shapes = {j.shape for j in jacs if is_sparse(j)}
+            aligned: Any = None
+            if len(shapes) == 1 and sparse_rules.is_elementwise_jaxpr(
+                closed.jaxpr, shapes.pop()
+            ):
+                aligned = sparse_rules.align_slots(ctx, name, primals, jacs)
+            if aligned is None or isinstance(aligned, sparse_rules.Fallback):
+                if aligned is None:
+                    reason = "a custom_jvp function whose JVP rule is not elementwise"
+                    aligned = sparse_rules.Fallback("rule", reason)
+                dense = sparse_rules.densify_operands(ctx, name, jacs, aligned)
+                return laplacian_from_jvp(jvp_fn, primals, dense, laps)
+            rows, target = aligned
+            outs, jac_outs, lap_outs = laplacian_from_jvp(jvp_fn, primals, rows, laps)
+            jac_outs = [
+                sparse_rules_finish(
+                    ctx, name, o, sparse_rules.wrap(j, target, ctx.block_size)
+                )
+                for o, j in zip(outs, jac_outs, strict=True)
+            ]
+        return outs, jac_outs, lap_outs
 
     def _sparse_custom_jvp(self, fun: Any, primals: Any, jacs: Any, laps: Any) -> Any:
         """A registered sparse rule for this custom_jvp function (slogdet, det)."""
@@ -228,12 +271,32 @@ def sparse_rules_finish(ctx: SparseContext, what: Any, out: Any, jac: Any) -> An
     return sparse_rules.finish(ctx, what, out, jac)
 
 
-def _inline_jaxpr(primitive: Any, params: Any) -> Any:
-    """The closed jaxpr of a call-like primitive that the sparse mode inlines."""
+def _custom_jvp_name(fun: Any) -> str:
+    """A readable name for a custom_jvp function in densification reports."""
+    src = _jax.custom_jvp_call_src_info(fun)
+    if src:
+        return src.split(" at ")[0]
+    target, _ = _jax.custom_jvp_call_target(fun)
+    return getattr(target, "__name__", None) or "custom_jvp function"
+
+
+def _inline_jaxpr(primitive: Any, params: Any, primals: Any) -> Any:
+    """Call-like primitives the sparse mode inlines: `tracers -> (jaxpr, args)`.
+
+    jit and remat bodies are inlined; so is the branch of a `cond` whose index is known
+    while tracing.
+    """
     if primitive is _jax.jit_p:
-        return params["jaxpr"]
+        return lambda tracers: (params["jaxpr"], tracers)
     if primitive is _jax.remat_p:
-        return _jax.close_jaxpr(params["jaxpr"])
+        return lambda tracers: (_jax.close_jaxpr(params["jaxpr"]), tracers)
+    if primitive is _jax.cond_p:
+        index = _jax.concrete_value(primals[0])
+        if index is None:
+            return None
+        branches = params["branches"]
+        branch = branches[int(np.clip(int(index), 0, len(branches) - 1))]
+        return lambda tracers: (branch, tracers[1:])
     return None
 
 

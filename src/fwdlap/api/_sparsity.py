@@ -6,10 +6,9 @@ from collections.abc import Generator
 from typing import Literal
 
 from .._core import sparse as _sparse
-
-Densification = _sparse.Densification
-DensificationWarning = _sparse.DensificationWarning
-DensificationError = _sparse.DensificationError
+from .._core.sparse import Densification as Densification
+from .._core.sparse import DensificationError as DensificationError
+from .._core.sparse import DensificationWarning as DensificationWarning
 
 OnDensify = Literal["ignore", "log", "warn", "raise"]
 

@@ -23,6 +23,22 @@ def custom_jvp_rule(
     symbolic_zeros: bool,
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """Forward-Laplacian outputs of a `custom_jvp` function from its JVP rule."""
+    jvp_fn, _ = trace_jvp_rule(primals, jacobians, laplacians, jvp, symbolic_zeros)
+    return laplacian_from_jvp(jvp_fn, primals, jacobians, laplacians)
+
+
+def trace_jvp_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    jvp: Any,
+    symbolic_zeros: bool,
+) -> tuple[Any, Any]:
+    """The JVP rule as `jvp_fn(primals, tangents)`, and its `ClosedJaxpr`.
+
+    Only which jacobians and laplacians are zero matters, not their values or their
+    number of directions.
+    """
     nonzero = [
         not (is_zero(j) and is_zero(lp))
         for j, lp in zip(jacobians, laplacians, strict=False)
@@ -65,7 +81,7 @@ def custom_jvp_rule(
         half = len(outs) // 2
         return list(outs[:half]), list(outs[half:])
 
-    return laplacian_from_jvp(jvp_fn, primals, jacobians, laplacians)
+    return jvp_fn, closed
 
 
 def _is_float(x: Any) -> bool:

@@ -219,5 +219,13 @@ def sparse_det_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
     return [det], [jac_det], [lap_det]
 
 
+def small_slogdet_rule(primals, jacobians, laplacians) -> Any:
+    """`_slogdet_small` (1x1, 2x2): JAX's own JVP rule, differentiated once more."""
+    return NotImplemented
+
+
 registry.sparse_custom_jvp_rules[slogdet_rule] = sparse_slogdet_rule
 registry.sparse_custom_jvp_rules[det_rule] = sparse_det_rule
+registry.sparse_custom_jvp_rules[small_slogdet_rule] = sparse_slogdet_rule
+if _jax.slogdet_small_custom_jvp is not None:
+    registry.register_custom_jvp(_jax.slogdet_small_custom_jvp, small_slogdet_rule)

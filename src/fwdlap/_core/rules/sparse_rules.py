@@ -83,7 +83,7 @@ def _rows_jacs(
     ]
 
 
-def _wrap(out: Any, idx: np.ndarray, block_size: int) -> Any:
+def wrap(out: Any, idx: np.ndarray, block_size: int) -> Any:
     return out if is_zero(out) else SparseJac(out, idx, block_size)
 
 
@@ -100,10 +100,15 @@ def _broadcast_sparse(sj: SparseJac, shape: tuple[int, ...]) -> SparseJac:
     return SparseJac(jnp.broadcast_to(data, (k * b, *shape)), idx, b)
 
 
-def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
+def align_elementwise(ctx, what, primals, jacs, laps):
+    """Broadcast the operands of an elementwise operation and align their slots.
+
+    Returns `(primals, jacobians, laplacians, target)` where the sparse jacobians are
+    replaced by their data laid out in the slots of `target` (zeros get `k * b`
+    directions), or a `Fallback` if an element would need too many blocks.
+    """
     shape = tuple(jnp.broadcast_shapes(*[jnp.shape(p) for p in primals]))
-    primals, laps = list(primals), list(laps)
-    jacs = list(jacs)
+    primals, laps, jacs = list(primals), list(laps), list(jacs)
     for i, p in enumerate(primals):
         if tuple(jnp.shape(p)) != shape:
             primals[i] = jnp.broadcast_to(p, shape)
@@ -117,13 +122,31 @@ def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
     target = sparse.union_all([j.idx for j in sparse_ops.values()])
     blocks = sparse.count_blocks(target)
     if blocks > ctx.max_blocks:
-        return _too_many(ctx, f"the result of {primitive}", blocks)
+        return _too_many(ctx, f"the result of {what}", blocks)
     rows = target.shape[0] * ctx.block_size
     datas = {i: sparse.align(j, target) for i, j in sparse_ops.items()}
-    out, jac_out, lap_out = dense_rule(primitive)(
-        primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
-    )
-    return out, _wrap(jac_out, target, ctx.block_size), lap_out
+    return primals, _rows_jacs(primals, jacs, datas, rows), laps, target
+
+
+def align_slots(ctx, what, primals, jacs):
+    """Align sparse jacobians of one shape (no broadcasting): `(jacobians, target)`."""
+    sparse_ops = {i: j for i, j in enumerate(jacs) if is_sparse(j)}
+    target = sparse.union_all([j.idx for j in sparse_ops.values()])
+    blocks = sparse.count_blocks(target)
+    if blocks > ctx.max_blocks:
+        return _too_many(ctx, f"the result of {what}", blocks)
+    rows = target.shape[0] * ctx.block_size
+    datas = {i: sparse.align(j, target) for i, j in sparse_ops.items()}
+    return _rows_jacs(primals, jacs, datas, rows), target
+
+
+def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
+    aligned = align_elementwise(ctx, primitive, primals, jacs, laps)
+    if isinstance(aligned, Fallback):
+        return aligned
+    primals, jacs, laps, target = aligned
+    out, jac_out, lap_out = dense_rule(primitive)(primals, jacs, laps, **params)
+    return out, wrap(jac_out, target, ctx.block_size), lap_out
 
 
 _ELEMENTWISE = [
@@ -156,7 +179,7 @@ def reduce_rule(ctx, primitive, primals, jacs, laps, params):
         return _too_many(ctx, f"{primitive} over axes {axes}")
     data = sparse.align(jac, target)
     out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
-    return out, _wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
+    return out, wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
 
 
 def _dense_sum(ctx, primals, jac, laps, params):
@@ -188,7 +211,7 @@ def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
         return _too_many(ctx, f"{primitive} along axis {axis}")
     data = sparse.align(jac, target)
     out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
-    return out, _wrap(jac_out, target, ctx.block_size), lap_out
+    return out, wrap(jac_out, target, ctx.block_size), lap_out
 
 
 def sort_rule(ctx, primitive, primals, jacs, laps, params):
@@ -208,7 +231,7 @@ def sort_rule(ctx, primitive, primals, jacs, laps, params):
     outs, jac_outs, lap_outs = dense_rule(primitive)(
         primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
     )
-    return outs, [_wrap(j, target, ctx.block_size) for j in jac_outs], lap_outs
+    return outs, [wrap(j, target, ctx.block_size) for j in jac_outs], lap_outs
 
 
 # --- structural primitives ---------------------------------------------------
@@ -271,7 +294,7 @@ def _numpy_structural_rule(idx_fn):
         out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, {0: jac.data}, rows), laps, **params
         )
-        return out, _wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
+        return out, wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
 
     return rule
 
@@ -298,7 +321,30 @@ def concatenate_rule(ctx, primitive, primals, jacs, laps, params):
     out, jac_out, lap_out = dense_rule(primitive)(
         primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
     )
-    return out, _wrap(jac_out, idx, ctx.block_size), lap_out
+    return out, wrap(jac_out, idx, ctx.block_size), lap_out
+
+
+def stack_rule(ctx, primitive, primals, jacs, laps, params):
+    k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
+    idx = np.stack([idxs[i] for i in range(len(primals))], axis=params["axis"] + 1)
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
+    )
+    return out, wrap(jac_out, idx, ctx.block_size), lap_out
+
+
+def unstack_rule(ctx, primitive, primals, jacs, laps, params):
+    (jac,) = jacs
+    axis = params["axis"] + 1
+    idxs = [np.take(jac.idx, i, axis=axis) for i in range(jac.idx.shape[axis])]
+    outs, jac_outs, lap_outs = dense_rule(primitive)(
+        primals, [jac.data], laps, **params
+    )
+    jac_outs = [
+        wrap(j, np.ascontiguousarray(i), ctx.block_size)
+        for j, i in zip(jac_outs, idxs, strict=True)
+    ]
+    return outs, jac_outs, lap_outs
 
 
 def split_rule(ctx, primitive, primals, jacs, laps, params):
@@ -309,7 +355,7 @@ def split_rule(ctx, primitive, primals, jacs, laps, params):
         primals, [jac.data], laps, **params
     )
     jac_outs = [
-        _wrap(j, np.ascontiguousarray(i), ctx.block_size)
+        wrap(j, np.ascontiguousarray(i), ctx.block_size)
         for j, i in zip(jac_outs, idxs, strict=True)
     ]
     return outs, jac_outs, lap_outs
@@ -362,7 +408,7 @@ def _copy_rule(positions: tuple[int, ...], make_fn, needs_values: bool = True):
         out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
         )
-        return out, _wrap(jac_out, idx, ctx.block_size), lap_out
+        return out, wrap(jac_out, idx, ctx.block_size), lap_out
 
     return rule
 
@@ -454,7 +500,7 @@ def dynamic_slice_rule(ctx, primitive, primals, jacs, laps, params):
         primals, _rows_jacs(primals, jacs, {0: data}, rows), laps, **params
     )
     idx = target[(slice(None), *[slice(0, s) for s in sizes])]
-    return out, _wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
+    return out, wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
 
 
 # --- dot_general ----------------------------------------------------------------------
@@ -504,7 +550,7 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
             primals, _rows_jacs(primals, jacs, datas, k * bs), laps, **params
         )
         idx = np.ascontiguousarray(np.broadcast_to(ix, (k, *out_shape)))
-        return out, _wrap(jac_out, idx, bs), lap_out
+        return out, wrap(jac_out, idx, bs), lap_out
     (da, ka, ia), (db, kb, ib) = side_a, side_b
     oa = np.broadcast_to(ia, (ka, *out_shape))
     ob = np.broadcast_to(ib, (kb, *out_shape))
@@ -573,7 +619,33 @@ def no_tangent_rule(ctx, primitive, primals, jacs, laps, params):
 _NO_TANGENT = [
     "eq", "ne", "lt", "le", "gt", "ge", "argmax", "argmin", "is_finite", "and",
     "or", "not", "xor", "reduce_and", "reduce_or", "reduce_xor", "population_count",
+    "stop_gradient",
 ]  # fmt: skip
+
+
+def is_elementwise_jaxpr(jaxpr: Any, shape: tuple[int, ...]) -> bool:
+    """Whether every equation of `jaxpr` acts elementwise on values of `shape`.
+
+    Scalars may broadcast in. Used to keep custom_jvp functions such as `jax.nn.relu`
+    sparse: their JVP rule then only couples an element with itself.
+    """
+    allowed = set(_ELEMENTWISE) | set(_NO_TANGENT)
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        avals = [v.aval for v in (*eqn.invars, *eqn.outvars)]
+        if any(tuple(getattr(a, "shape", ())) not in ((), shape) for a in avals):
+            return False
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        if inner is not None:
+            inner = getattr(inner, "jaxpr", inner)
+            if not is_elementwise_jaxpr(inner, shape):
+                return False
+        elif name == "broadcast_in_dim":
+            if tuple(eqn.invars[0].aval.shape) != ():
+                return False
+        elif name not in allowed:
+            return False
+    return True
 
 
 # --- dispatch ----------------------------------------------------------------
@@ -602,6 +674,8 @@ def _register() -> None:
         table[name] = _numpy_structural_rule(fn)
     table["concatenate"] = concatenate_rule
     table["split"] = split_rule
+    table["stack"] = stack_rule
+    table["unstack"] = unstack_rule
     table["pad"] = _copy_rule((0,), _pad_fn, needs_values=False)
     table["gather"] = _copy_rule((0,), _gather_fn)
     table["dynamic_slice"] = dynamic_slice_rule
