@@ -156,11 +156,17 @@ class LapTrace(_jax.Trace):
                 )
             if outs is not None:
                 return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
-            jacs = self._densify_all(
-                _custom_jvp_name(fun),
-                jacs,
-                "a custom_jvp function without a sparse rule",
-            )
+            found = registry.find_custom_jvp_rule(fun)
+            if found is not None and found[0] in registry.sparse_custom_jvp_rules:
+                reason = (
+                    "its sparse rule does not apply (the matrix rows depend on more "
+                    f"than {self.sparse.max_blocks} blocks, or it is complex)"
+                )
+                cause = "threshold"
+            else:
+                reason = "a custom_jvp function with a rule for dense jacobians only"
+                cause = "rule"
+            jacs = self._densify_all(_custom_jvp_name(fun), jacs, reason, cause)
         with _jax.set_current_trace(self.parent_trace):
             # A rule registered for this custom_jvp function (fwdlap.register_rule),
             # else differentiate its JVP rule.
@@ -169,12 +175,14 @@ class LapTrace(_jax.Trace):
                 outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
 
-    def _densify_all(self, what: Any, jacs: Any, reason: str) -> list[Any]:
+    def _densify_all(
+        self, what: Any, jacs: Any, reason: str, cause: str = "rule"
+    ) -> list[Any]:
         ctx = self.sparse
         assert ctx is not None
         name = getattr(what, "__name__", None) or str(what)
         shapes = [j.shape for j in jacs if is_sparse(j)]
-        ctx.densified(name, "rule", reason, shapes[0] if shapes else ())
+        ctx.densified(name, cause, reason, shapes[0] if shapes else ())
         with _jax.set_current_trace(self.parent_trace):
             return [
                 sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs
@@ -229,7 +237,7 @@ class LapTrace(_jax.Trace):
                 return None
             outs, jac_outs, lap_outs = (list(r) for r in result)
             jac_outs = [
-                sparse_rules_finish(ctx, fun, o, j)
+                sparse_rules_finish(ctx, _custom_jvp_name(fun), o, j)
                 for o, j in zip(outs, jac_outs, strict=True)
             ]
         return outs, jac_outs, lap_outs
