@@ -372,6 +372,10 @@ def lap_flat(
         jacobians = [
             jax.numpy.asarray(j) if isinstance(j, np.ndarray) else j for j in jacobians
         ]
+        laplacians = [
+            jax.numpy.asarray(lp) if isinstance(lp, np.ndarray) else lp
+            for lp in laplacians
+        ]
         in_tracers = [
             maybe_lap_tracer(trace, p, j, _normalize(p, lp, zero_laplacian(p)))
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)

@@ -500,7 +500,7 @@ else:
     def _annotated_contract(
         primals: PyTree[ArrayLike, " T"],
         jacobians: PyTree[Inexact[Array | np.ndarray, "n ..."] | Zero, " T"],
-        laplacians: PyTree[Inexact[Array, "..."] | Zero, " T"],
+        laplacians: PyTree[Inexact[Array | np.ndarray, "..."] | Zero, " T"],
     ) -> None:
         """The contract of the canonical leaves, checked by jaxtyping + beartype.
 

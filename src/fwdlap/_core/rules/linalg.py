@@ -179,7 +179,16 @@ def _sum_last_axis(ctx: Any, sj: Any) -> Any:
     axis = len(sj.shape) - 1
     target = sparse.union_along(sj.idx, (axis,), ctx.max_blocks)
     if target is None:
-        return jnp.sum(sparse.densify(sj, ctx.num_blocks), axis=-1)
+        full = sparse.union_along(sj.idx, (axis,), ctx.num_blocks)
+        blocks = 0 if full is None else sparse.count_blocks(full)
+        ctx.densified(
+            "slogdet/det",
+            "threshold",
+            f"the determinant depends on {blocks} blocks, more than {ctx.max_blocks}",
+            sj.shape[:-1],
+            blocks,
+        )
+        return sparse.densify(sj, ctx.num_blocks, (axis,))
     data = jnp.sum(sparse.align(sj, target), axis=-1)
     return sparse.SparseJac(data, target[..., 0], sj.block_size)
 
