@@ -1,12 +1,17 @@
 """The block-sparse jacobian mode (`sparsity=`) against jax.hessian and the dense mode.
 
-References are `jax.jacfwd` / the trace of `jax.jacfwd(jax.jacfwd(f))` (helpers) and
-`jax.grad` / the trace of `jax.hessian`. The only fwdlap-against-fwdlap comparison is
+References are `jax.jacfwd` and the trace of `jax.jacfwd(jax.jacfwd(f))` (helpers), or
+`jax.grad` and the trace of `jax.hessian`. The only fwdlap-against-fwdlap comparison is
 dense against sparse, and every such comparison also checks an independent reference.
+
+Most cases run under `jax.jit`, with the reference and every mode in one compilation:
+that is much faster than eager evaluation, which compiles each small operation. A
+few cases run eagerly, where values computed from `x` (indices, say) are concrete.
 """
 
 import functools
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +24,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-from benchmarks.models import build
 from helpers import (
     hessian_trace_weighted,
     jaxpr_shapes,
@@ -29,13 +33,20 @@ from helpers import (
 )
 from test_lap_zoo import ZOO, Case
 
-THIS_FILE = Path(__file__).name
+try:
+    from benchmarks.models import build
+except ModuleNotFoundError:  # pytest started outside the repository root
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.models import build
 
-# --- helpers -----------------------------------------------------------------------
+THIS_FILE = Path(__file__).name
+Fun = Callable[[jax.Array], jax.Array]
+
+# --- helpers -------------------------------------------------------------------------
 
 
 def np_eye(x: Any) -> np.ndarray:
-    """A NumPy identity seed `(x.size, *x.shape)`: concrete, as the sparse mode needs."""
+    """A NumPy identity `(x.size, *x.shape)`: a seed that the sparse mode can read."""
     size = int(np.size(x))
     return np.eye(size, dtype=np.dtype(x.dtype)).reshape(size, *np.shape(x))
 
@@ -45,7 +56,7 @@ def lap_of(fun: Callable[..., Any], x: Any, sparsity: Any = None) -> Any:
     return fwdlap.lap(fun, (x,), (np_eye(x),), (None,), sparsity=sparsity)
 
 
-def hessian_reference(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> Any:
+def hessian_reference(f: Fun, x: jax.Array) -> Any:
     """`(f(x), jax.grad, trace of jax.hessian)` of a scalar function."""
     return f(x), jax.grad(f)(x), jnp.trace(jax.hessian(f)(x))
 
@@ -56,7 +67,7 @@ hessian_reference_jit = jax.jit(hessian_reference, static_argnums=0)
 def assert_triple_close(
     got: Any, ref: Any, rtol: float = 1e-8, atol: float = 1e-9, err: str = ""
 ) -> None:
-    """Value, jacobian and laplacian against a reference triple."""
+    """Value, jacobian (or gradient) and laplacian against a reference triple."""
     for name, a, b in zip(("value", "jacobian", "laplacian"), got, ref, strict=True):
         assert tree_allclose(a, b, rtol=rtol, atol=atol), f"{err} {name}"
 
@@ -66,7 +77,7 @@ def events_summary(events: list[fwdlap.Densification]) -> list[tuple[str, str]]:
 
 
 def wide(block_size: int = 3) -> fwdlap.Sparsity:
-    """A threshold so large that no jacobian is densified for its number of blocks."""
+    """A threshold so large that no jacobian is ever too wide to stay sparse."""
     return fwdlap.Sparsity(block_size=block_size, threshold=10_000)
 
 
@@ -74,46 +85,39 @@ def wide(block_size: int = 3) -> fwdlap.Sparsity:
 
 
 def zoo_block_size(n: int) -> int:
-    """A block size dividing `n` into at least two blocks (1 if none does)."""
+    """A block size that splits `n` directions into at least two blocks (else 1)."""
     return next((b for b in (3, 4, 2) if n % b == 0 and n // b >= 2), 1)
 
 
 def _zoo_all_modes(case: Case, x: jax.Array) -> Any:
-    """Reference, dense, sparse without densification, sparse with a tiny threshold."""
+    """Reference, dense, sparse with no threshold, sparse with a one-block threshold."""
     n = x.size
     b = zoo_block_size(n)
-    eye = np_eye(x)
 
     def run(sparsity: Any) -> Any:
-        return fwdlap.lap(case.fun, (x,), (eye,), (None,), sparsity=sparsity)
+        return lap_of(case.fun, x, sparsity)
 
     return (
         reference_values(case.fun, x),
         run(None),
-        run(fwdlap.Sparsity(block_size=b, threshold=n)),
-        run(fwdlap.Sparsity(block_size=b, threshold=b)),
+        {
+            "wide": run(fwdlap.Sparsity(block_size=b, threshold=n)),
+            "tight": run(fwdlap.Sparsity(block_size=b, threshold=b)),
+        },
     )
 
 
 @pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
 def test_zoo_sparse_matches_dense_and_reference(case: Case) -> None:
-    # One compilation per case holds the reference and the three modes.
     x = jnp.asarray(case.x)
-    ref, dense, sparse_wide, sparse_tight = jax.jit(
-        functools.partial(_zoo_all_modes, case)
-    )(x)
-    for mode, got in (("dense", dense), ("wide", sparse_wide), ("tight", sparse_tight)):
-        out, jac, lap = got
-        assert tree_allclose(out, ref[0]), mode
-        assert tree_allclose(jac, ref[1]), mode
-        assert tree_allclose(lap, ref[2], rtol=1e-6, atol=1e-7), mode
-    for mode, got in (("wide", sparse_wide), ("tight", sparse_tight)):
-        for a, b in zip(got, dense, strict=True):
-            assert tree_allclose(a, b, rtol=1e-9, atol=1e-10), mode
+    ref, dense, sparse = jax.jit(functools.partial(_zoo_all_modes, case))(x)
+    assert_triple_close(dense, ref, rtol=1e-6, atol=1e-7, err="dense")
+    for mode, got in sparse.items():
+        assert_triple_close(got, ref, rtol=1e-6, atol=1e-7, err=mode)
+        assert_triple_close(got, dense, rtol=1e-9, atol=1e-10, err=mode)
 
 
-# Eager evaluation: concrete primals, so indices computed from x (argmax, argsort) are
-# known to the sparse rules, unlike under jit.
+# Concrete primals: indices computed from x (argmax, argsort) are known to the rules.
 ZOO_EAGER = [
     "argmax_gather",
     "take_along_axis",
@@ -132,25 +136,16 @@ def test_zoo_sparse_eager(name: str) -> None:
     ref = reference_triple(case.fun, x)
     for threshold in (x.size, b):
         got = lap_of(case.fun, x, fwdlap.Sparsity(block_size=b, threshold=threshold))
-        out, jac, lap = got
-        assert tree_allclose(out, ref[0]), threshold
-        assert tree_allclose(jac, ref[1]), threshold
-        assert tree_allclose(lap, ref[2], rtol=1e-6, atol=1e-7), threshold
-
-
-def test_zoo_sparse_eager_names_exist() -> None:
-    names = {c.name for c in ZOO}
-    assert set(ZOO_EAGER) <= names
+        assert_triple_close(got, ref, rtol=1e-6, atol=1e-7, err=str(threshold))
 
 
 # --- 2. many-particle functions ------------------------------------------------------
 
 N = 4  # particles
-RNG = np.random.default_rng(7)
-R = RNG.normal(size=(N, 3))
-X = R.ravel()  # (3N,) flat configuration
 N_UP = 2
 WIDTH = 5
+RNG = np.random.default_rng(7)
+X = RNG.normal(size=3 * N)  # one flat configuration of N particles in 3D
 
 W1 = RNG.normal(size=(3, WIDTH)) / np.sqrt(3)
 B1 = RNG.normal(size=WIDTH) * 0.1
@@ -169,13 +164,13 @@ def particles(x: jax.Array) -> jax.Array:
 
 
 def embed(r: jax.Array) -> jax.Array:
-    """A per-particle two-layer MLP: row i depends on particle i only."""
+    """A per-particle two-layer MLP `(n, 3) -> (n, WIDTH)`: row i sees particle i."""
     h = jnp.tanh(r @ W1 + B1)
     return jnp.tanh(h @ W2) + h
 
 
 def pair_features(r: jax.Array) -> jax.Array:
-    """`(r_i - r_j, |r_i - r_j|)`, `(N, N, 4)`, with the eye trick on the diagonal."""
+    """`(r_i - r_j, |r_i - r_j|)`, `(n, n, 4)`, with the eye trick on the diagonal."""
     n = r.shape[0]
     diff = r[:, None, :] - r[None, :, :]
     eye = jnp.eye(n, dtype=r.dtype)
@@ -216,7 +211,7 @@ def structural(x: jax.Array) -> jax.Array:
     r = particles(x)
     h = jnp.concatenate([r, r**2], axis=-1)  # (N, 6)
     h = jnp.pad(h, ((1, 0), (0, 2)), constant_values=0.5)  # (N + 1, 8)
-    picked = h[PERM]  # a gather with static indices, one row repeated
+    picked = h[PERM]  # a gather with static indices, one row taken twice
     rev = h[::-1, 1:7]  # reversal and slicing
     return jnp.sin(picked[:4, :6]) * rev[:4] + picked[4:, :6] * rev[:1]
 
@@ -263,8 +258,7 @@ def attention(x: jax.Array) -> jax.Array:
     h = embed(particles(x))
     q, k, v = h @ W_Q, h @ W_K, h @ W_V
     scores = q @ k.T / np.sqrt(WIDTH)  # both operands carry tangents
-    weights = jax.nn.softmax(scores, axis=-1)
-    return weights @ v + h
+    return jax.nn.softmax(scores, axis=-1) @ v + h
 
 
 def attention_manual_softmax(x: jax.Array) -> jax.Array:
@@ -276,15 +270,15 @@ def attention_manual_softmax(x: jax.Array) -> jax.Array:
 
 def dot_general_const(x: jax.Array) -> jax.Array:
     r = particles(x)
-    a = jnp.einsum("nc,bcw->bnw", r, W_BATCH)  # constant batch of weights
+    a = jnp.einsum("nc,bcw->bnw", r, W_BATCH)  # a constant batch of weights
     return jnp.tanh(a) @ W2 + jnp.einsum("nc,nc->n", r, r)[None, :, None]
 
 
 def orbitals(x: jax.Array) -> jax.Array:
-    """Per-electron orbitals with an envelope: row i depends on electron i only."""
+    """Orbitals with an envelope, `(N, 2N)`: row i depends on electron i only."""
     r = particles(x)
     env = jnp.exp(-jnp.sqrt(jnp.sum(r**2, axis=-1, keepdims=True) + 0.1))
-    return (embed(r) @ W_ORB) * env + 0.3 * jnp.eye(N, 2 * N)  # (N, 2N)
+    return (embed(r) @ W_ORB) * env + 0.3 * jnp.eye(N, 2 * N)
 
 
 def slater_slogdet(x: jax.Array) -> jax.Array:
@@ -304,54 +298,72 @@ def slater_batched(x: jax.Array) -> jax.Array:
 
 
 def slater_spin_blocks(x: jax.Array) -> jax.Array:
-    # One determinant per spin block, each of per-electron rows.
+    # One determinant per spin block.
     phi = orbitals(x)
     up = jnp.linalg.slogdet(phi[:N_UP, :N_UP])[1]
     down = jnp.linalg.slogdet(phi[N_UP:, N_UP : 2 * N_UP])[1]
     return up + down
 
 
+def stacked_softmax(x: jax.Array) -> jax.Array:
+    # jnp.stack (a primitive in newer JAX) and softmax's stop_gradient, per particle.
+    h = embed(particles(x))
+    s = jnp.stack([h, jax.nn.softmax(h, axis=-1), jax.nn.relu(h)], axis=1)
+    return jax.nn.logsumexp(s, axis=(1, 2))
+
+
 class ParticleCase(NamedTuple):
     name: str
-    fun: Callable[[jax.Array], jax.Array]
+    fun: Fun
 
 
 PARTICLE_CASES = [
-    ParticleCase("particle_mlp_sum", particle_mlp_sum),
-    ParticleCase("particle_features", particle_features),
-    ParticleCase("pair_stream", pair_stream),
-    ParticleCase("pair_stream_sum_j", pair_stream_sum_j),
-    ParticleCase("pair_energy", pair_energy),
-    ParticleCase("spin_means", spin_means),
-    ParticleCase("structural", structural),
-    ParticleCase("transposes", transposes),
-    ParticleCase("dynamic_slice_concrete", dynamic_slice_concrete),
-    ParticleCase("dynamic_slice_traced", dynamic_slice_traced),
-    ParticleCase("where_select", where_select),
-    ParticleCase("cumsum_particles", cumsum_particles),
-    ParticleCase("sort_features", sort_features),
-    ParticleCase("max_reductions", max_reductions),
-    ParticleCase("attention", attention),
-    ParticleCase("attention_manual_softmax", attention_manual_softmax),
-    ParticleCase("dot_general_const", dot_general_const),
-    ParticleCase("slater_slogdet", slater_slogdet),
-    ParticleCase("slater_det", slater_det),
-    ParticleCase("slater_batched", slater_batched),
-    ParticleCase("slater_spin_blocks", slater_spin_blocks),
+    ParticleCase(f.__name__, f)
+    for f in (
+        particle_mlp_sum,
+        particle_features,
+        pair_stream,
+        pair_stream_sum_j,
+        pair_energy,
+        spin_means,
+        structural,
+        transposes,
+        dynamic_slice_concrete,
+        dynamic_slice_traced,
+        where_select,
+        cumsum_particles,
+        sort_features,
+        max_reductions,
+        attention,
+        attention_manual_softmax,
+        dot_general_const,
+        slater_slogdet,
+        slater_det,
+        slater_batched,
+        slater_spin_blocks,
+        stacked_softmax,
+    )
 ]
 PARTICLE_IDS = [c.name for c in PARTICLE_CASES]
 
-SPARSITIES = {
-    "default": True,
+SPARSITIES: dict[str, Any] = {
+    "default": True,  # block 3, threshold N / 2 particles
     "wide": wide(),
-    "threshold_3": 3,  # one block: densifies as soon as two particles meet
-    "block_1": fwdlap.Sparsity(block_size=1),
+    "int_3": 3,  # one block: densifies as soon as two particles meet
 }
+# Block size 1 (one direction per block) for a few cases: more, smaller blocks.
+BLOCK_1_CASES = {"pair_stream", "structural", "attention", "slater_batched"}
 
 
-def _particle_all_modes(fun: Callable[[jax.Array], jax.Array], x: jax.Array) -> Any:
-    sparse = {mode: lap_of(fun, x, s) for mode, s in SPARSITIES.items()}
-    return reference_values(fun, x), lap_of(fun, x, None), sparse
+def _particle_all_modes(case: ParticleCase, x: jax.Array) -> Any:
+    modes = dict(SPARSITIES)
+    if case.name in BLOCK_1_CASES:
+        modes["block_1"] = fwdlap.Sparsity(block_size=1, threshold=x.size)
+    sparse = {mode: lap_of(case.fun, x, s) for mode, s in modes.items()}
+    if jax.eval_shape(case.fun, x).shape == ():
+        vgl = fwdlap.value_grad_and_laplacian(case.fun, sparsity=True)
+        sparse["value_grad_and_laplacian"] = vgl(x)
+    return reference_values(case.fun, x), lap_of(case.fun, x, None), sparse
 
 
 @pytest.mark.parametrize("case", PARTICLE_CASES, ids=PARTICLE_IDS)
@@ -359,47 +371,35 @@ def test_particle_functions(case: ParticleCase) -> None:
     # Under jit, indices computed from x are traced (dynamic_slice_traced). One
     # compilation holds the reference, the dense pass and every sparse mode.
     x = jnp.asarray(X)
-    ref, dense, sparse = jax.jit(functools.partial(_particle_all_modes, case.fun))(x)
-    assert_triple_close(dense, ref)
+    ref, dense, sparse = jax.jit(functools.partial(_particle_all_modes, case))(x)
+    assert_triple_close(dense, ref, err="dense")
     for mode, got in sparse.items():
         assert_triple_close(got, ref, err=mode)
         assert_triple_close(got, dense, rtol=1e-10, atol=1e-12, err=mode)
 
 
-PARTICLE_EAGER = [
-    "particle_mlp_sum",
-    "structural",
-    "dynamic_slice_traced",
-    "attention",
-    "slater_batched",
-]
-
-
-@pytest.mark.parametrize("name", PARTICLE_EAGER)
-def test_particle_functions_eager(name: str) -> None:
-    # Concrete primals: the dynamic_slice start computed from x is known here.
-    case = next(c for c in PARTICLE_CASES if c.name == name)
+def test_particle_mlp_eager() -> None:
     x = jnp.asarray(X)
-    got = lap_of(case.fun, x, True)
-    assert_triple_close(got, reference_triple(case.fun, x))
+    with fwdlap.record_densifications() as events:
+        got = lap_of(particle_mlp_sum, x, True)
+    assert events_summary(events) == [("reduce_sum", "threshold")]
+    assert_triple_close(got, reference_triple(particle_mlp_sum, x))
 
 
-SCALAR_CASES = [
-    particle_mlp_sum,
-    pair_energy,
-    slater_slogdet,
-    slater_det,
-    slater_batched,
-    slater_spin_blocks,
-]
-
-
-@pytest.mark.parametrize("fun", SCALAR_CASES, ids=[f.__name__ for f in SCALAR_CASES])
-def test_value_grad_and_laplacian_particles(fun: Callable[[jax.Array], Any]) -> None:
+def test_dynamic_slice_start_traced_under_jit_and_concrete_eagerly() -> None:
+    # A concrete start copies the blocks of the sliced rows exactly; a traced one must
+    # allow for every row (here more particles than the default threshold).
     x = jnp.asarray(X)
-    got = jax.jit(fwdlap.value_grad_and_laplacian(fun, sparsity=True))(x)
-    ref = hessian_reference_jit(fun, x)
-    assert_triple_close(got, ref)
+    run = functools.partial(lap_of, dynamic_slice_traced, sparsity=True)
+    with fwdlap.record_densifications() as eager_events:
+        eager = run(x)
+    with fwdlap.record_densifications() as jit_events:
+        jitted = jax.jit(run)(x)
+    assert eager_events == []
+    assert events_summary(jit_events) == [("dynamic_slice", "threshold")]
+    ref = reference_triple(dynamic_slice_traced, x)
+    assert_triple_close(eager, ref, err="eager")
+    assert_triple_close(jitted, ref, err="jit")
 
 
 # The benchmark models in float64, kept small.
@@ -410,12 +410,118 @@ MODELS = [("particle_mlp", 6), ("ferminet", 4), ("psiformer", 4)]
 def test_benchmark_models(name: str, n: int) -> None:
     model = build(name, n, seed=0, dtype=jnp.float64)
     x = jnp.asarray(np.random.default_rng(n).normal(size=model.dim))
+
+    def run(x: jax.Array) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(model.fn, sparsity=True)
+        return vgl(x), hessian_reference(model.fn, x)
+
     with fwdlap.record_densifications() as events:
-        got = jax.jit(fwdlap.value_grad_and_laplacian(model.fn, sparsity=True))(x)
-    ref = hessian_reference_jit(model.fn, x)
+        got, ref = jax.jit(run)(x)
     assert_triple_close(got, ref, rtol=1e-7, atol=1e-9)
-    assert events, "the models end in sums over all electrons"
+    assert events, "every model ends in sums over all electrons"
     assert all(e.cause == "threshold" for e in events), events_summary(events)
+
+
+def test_int_threshold_counts_directions() -> None:
+    # sparsity=t allows t // block_size blocks: pair elements need two particles.
+    x = jnp.asarray(X)
+    for threshold, densifies in ((3, True), (5, True), (6, False)):
+        with fwdlap.record_densifications() as events:
+            got = jax.jit(functools.partial(lap_of, pair_stream, sparsity=threshold))(x)
+        assert bool(events) == densifies, threshold
+        assert all(e.cause == "threshold" for e in events)
+        assert all(e.blocks == 2 for e in events if e.blocks)
+        assert_triple_close(got, reference_triple(pair_stream, x))
+
+
+def test_two_arguments_with_split_identity() -> None:
+    # Two positional arguments whose seeds are the two halves of one identity.
+    x = jnp.asarray(X)
+    eye = np.eye(x.size)
+
+    def g(a: jax.Array, b: jax.Array) -> jax.Array:
+        return pair_stream(jnp.concatenate([a, b]))
+
+    def run(x: jax.Array) -> Any:
+        seeds = (eye[:, :6], eye[:, 6:])
+        return fwdlap.lap(g, (x[:6], x[6:]), seeds, (None, None), sparsity=True)
+
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(run)(x)
+    assert events == []
+    assert_triple_close(got, reference_triple(pair_stream, x))
+
+
+def test_block_diagonal_seed_and_input_laplacian() -> None:
+    # A non-identity seed with a block-diagonal zero pattern stays sparse; the input
+    # laplacian enters through the jacobian.
+    x = jnp.asarray(X)
+    mix = np.random.default_rng(5).normal(size=(N, 3, 3))
+    v = np.zeros((3 * N, 3 * N))
+    for i in range(N):
+        v[3 * i : 3 * i + 3, 3 * i : 3 * i + 3] = mix[i]
+    lap_in = jnp.asarray(np.random.default_rng(6).normal(size=3 * N))
+    sparsity = fwdlap.Sparsity(block_size=3)
+
+    def run(x: jax.Array) -> Any:
+        got = fwdlap.lap(pair_stream, (x,), (v,), (lap_in,), sparsity=sparsity)
+        jac_ref = jax.jacfwd(pair_stream)(x)
+        ref = (
+            pair_stream(x),
+            jnp.einsum("...i,ki->k...", jac_ref, v),
+            hessian_trace_weighted(pair_stream, x, jnp.asarray(v))
+            + jnp.einsum("...i,i->...", jac_ref, lap_in),
+        )
+        return got, ref
+
+    with fwdlap.record_densifications() as events:
+        got, ref = jax.jit(run)(x)
+    assert events == []
+    assert_triple_close(got, ref)
+
+
+@pytest.mark.parametrize("sparsity", [None, True], ids=["dense", "sparse"])
+def test_numpy_input_laplacian(sparsity: Any) -> None:
+    # NumPy laplacians are accepted like NumPy jacobians.
+    x = jnp.asarray(X)
+    lap_in = np.random.default_rng(6).normal(size=3 * N)
+    _, jac, lap = fwdlap.lap(
+        particle_features, (x,), (np_eye(x),), (lap_in,), sparsity=sparsity
+    )
+    _, ref_jac, ref_lap = reference_triple(particle_features, x)
+    np.testing.assert_allclose(jac, ref_jac, rtol=1e-9, atol=1e-12)
+    expected = ref_lap + jnp.einsum("k...,k->...", ref_jac, lap_in)
+    np.testing.assert_allclose(lap, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_directions_of_some_particles_only() -> None:
+    # Seeds for particles 1 and 3 only: the Laplacian over their coordinates.
+    x = jnp.asarray(X)
+    coords = np.r_[3:6, 9:12]
+    v = np.eye(3 * N)[coords]
+
+    def run(x: jax.Array) -> Any:
+        got = fwdlap.lap(slater_slogdet, (x,), (v,), (None,), sparsity=True)
+        return got, jax.grad(slater_slogdet)(x), jax.hessian(slater_slogdet)(x)
+
+    (_, jac, lap), grad, hess = jax.jit(run)(x)
+    np.testing.assert_allclose(lap, jnp.trace(hess[coords][:, coords]), rtol=1e-9)
+    np.testing.assert_allclose(jac, grad[coords], rtol=1e-9)
+
+
+def test_number_of_directions_not_a_multiple_of_three() -> None:
+    # The default block size falls back to 1.
+    x = jnp.asarray(X[:7])
+
+    def f(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(x[:, None] * x[None, :]) ** 2)
+
+    def run(x: jax.Array) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(f, sparsity=True)
+        return vgl(x), hessian_reference(f, x)
+
+    got, ref = jax.jit(run)(x)
+    assert_triple_close(got, ref)
 
 
 # --- 3. jit, vmap and grad -----------------------------------------------------------
@@ -424,21 +530,23 @@ BATCH = np.random.default_rng(11).normal(size=(3, 3 * N))
 
 
 @pytest.mark.parametrize(
-    "fun", [particle_mlp_sum, slater_slogdet], ids=["particle_mlp", "slater"]
+    "fun", [particle_mlp_sum, slater_slogdet], ids=lambda f: f.__name__
 )
-def test_laplacian_jit_vmap(fun: Callable[[jax.Array], jax.Array]) -> None:
+def test_laplacian_jit_vmap(fun: Fun) -> None:
     xs = jnp.asarray(BATCH)
 
     def run(xs: jax.Array) -> Any:
         lap = jax.vmap(fwdlap.laplacian(fun, sparsity=True))(xs)
         vgl = jax.vmap(fwdlap.value_grad_and_laplacian(fun, sparsity=True))(xs)
-        ref = jax.vmap(functools.partial(hessian_reference, fun))(xs)
-        return lap, vgl, ref
+        return lap, vgl, jax.vmap(functools.partial(hessian_reference, fun))(xs)
 
-    lap, vgl, ref = jax.jit(run)(xs)
+    with fwdlap.record_densifications() as events:
+        lap, vgl, ref = jax.jit(run)(xs)
     assert lap.shape == (BATCH.shape[0],)
     np.testing.assert_allclose(lap, ref[2], rtol=1e-9)
     assert_triple_close(vgl, ref)
+    # vmap does not hide the identity's zero pattern: no rule-caused densification.
+    assert all(e.cause == "threshold" for e in events), events_summary(events)
 
 
 def test_laplacian_of_array_output_jit() -> None:
@@ -448,12 +556,7 @@ def test_laplacian_of_array_output_jit() -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
-PARAMS = {
-    "w1": np.asarray(W1),
-    "b1": np.asarray(B1),
-    "w2": np.asarray(W_PAIR[:, :WIDTH]),
-    "out": np.asarray(W_OUT),
-}
+PARAMS = {"w1": W1, "b1": B1, "w2": W_PAIR, "out": W_OUT}
 
 
 def param_model(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -475,10 +578,11 @@ def test_grad_of_sparse_laplacian_wrt_params() -> None:
     def reference_loss(p: dict[str, jax.Array]) -> jax.Array:
         return jnp.trace(jax.hessian(lambda y: param_model(p, y))(x))
 
+    def run(p: dict[str, jax.Array]) -> Any:
+        return tuple(jax.grad(f)(p) for f in (sparse_loss, dense_loss, reference_loss))
+
     params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
-    sparse = jax.jit(jax.grad(sparse_loss))(params)
-    dense = jax.jit(jax.grad(dense_loss))(params)
-    ref = jax.jit(jax.grad(reference_loss))(params)
+    sparse, dense, ref = jax.jit(run)(params)
     assert tree_allclose(sparse, ref, rtol=1e-8, atol=1e-10)
     assert tree_allclose(dense, ref, rtol=1e-8, atol=1e-10)
     assert tree_allclose(sparse, dense, rtol=1e-10, atol=1e-12)
@@ -489,10 +593,9 @@ def test_pytree_argument_and_argnums() -> None:
     x = jnp.asarray(X)
     tree = {"up": x[: 3 * N_UP], "down": x[3 * N_UP :]}
 
-    def f(t: dict[str, jax.Array], scale: jax.Array) -> jax.Array:
+    def f(t: dict[str, jax.Array], scale: float) -> jax.Array:
         return scale * slater_slogdet(jnp.concatenate([t["up"], t["down"]]))
 
-    # Both arguments at once: the directions of the second follow those of the first.
     def g(a: jax.Array, b: jax.Array) -> jax.Array:
         return pair_energy(jnp.concatenate([a, b]))
 
@@ -513,137 +616,31 @@ def test_pytree_argument_and_argnums() -> None:
     np.testing.assert_allclose(both, ref_g[2], rtol=1e-9)
 
 
-def test_two_arguments_with_split_identity() -> None:
-    # lap with two positional arguments whose seeds are the two halves of one identity.
-    x = jnp.asarray(X)
-    a, b = x[:6], x[6:]
-    eye = np.eye(x.size)
-    seeds = (eye[:, :6], eye[:, 6:])
-
-    def g(a: jax.Array, b: jax.Array) -> jax.Array:
-        return pair_stream(jnp.concatenate([a, b]))
-
-    with fwdlap.record_densifications() as events:
-        got = fwdlap.lap(g, (a, b), seeds, (None, None), sparsity=True)
-    assert events == []
-    assert_triple_close(got, reference_triple(pair_stream, x))
-
-
-def test_block_diagonal_seed_and_input_laplacian() -> None:
-    # A non-identity seed whose zero pattern is block diagonal stays sparse; the
-    # input laplacian enters through the jacobian.
-    x = jnp.asarray(X)
-    mix = np.random.default_rng(5).normal(size=(N, 3, 3))
-    v = np.zeros((3 * N, 3 * N))
-    for i in range(N):
-        v[3 * i : 3 * i + 3, 3 * i : 3 * i + 3] = mix[i]
-    lap_in = jnp.asarray(np.random.default_rng(6).normal(size=3 * N))
-    with fwdlap.record_densifications() as events:
-        out, jac, lap = fwdlap.lap(
-            pair_stream, (x,), (v,), (lap_in,), sparsity=fwdlap.Sparsity(block_size=3)
-        )
-    assert events == []
-    jac_ref = jax.jacfwd(pair_stream)(x)
-    np.testing.assert_allclose(out, pair_stream(x), rtol=1e-12)
-    np.testing.assert_allclose(
-        jac, jnp.einsum("...i,ki->k...", jac_ref, v), rtol=1e-9, atol=1e-12
-    )
-    expected = hessian_trace_weighted(pair_stream, x, jnp.asarray(v)) + jnp.einsum(
-        "...i,i->...", jac_ref, lap_in
-    )
-    np.testing.assert_allclose(lap, expected, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a NumPy laplacian is kept as NumPy by _checks._canonical but the "
-    "annotated contract only accepts jax.Array laplacians (TypeError 'bug in fwdlap's "
-    "input checks'), in the dense mode as well",
-)
-@pytest.mark.parametrize("sparsity", [None, True], ids=["dense", "sparse"])
-def test_numpy_input_laplacian(sparsity: Any) -> None:
-    x = jnp.asarray(X)
-    lap_in = np.random.default_rng(6).normal(size=3 * N)
-    _, jac, lap = fwdlap.lap(
-        particle_features, (x,), (np_eye(x),), (lap_in,), sparsity=sparsity
-    )
-    _, ref_jac, ref_lap = reference_triple(particle_features, x)
-    np.testing.assert_allclose(jac, ref_jac, rtol=1e-9, atol=1e-12)
-    expected = ref_lap + jnp.einsum("k...,k->...", ref_jac, lap_in)
-    np.testing.assert_allclose(lap, expected, rtol=1e-9, atol=1e-12)
-
-
-def test_partial_directions_over_some_particles() -> None:
-    # Directions for particles 1 and 3 only: the Laplacian over their coordinates.
-    x = jnp.asarray(X)
-    coords = np.r_[3:6, 9:12]
-    v = np.eye(3 * N)[coords]
-
-    def run(x: jax.Array) -> Any:
-        got = fwdlap.lap(slater_slogdet, (x,), (v,), (None,), sparsity=True)
-        return got, jax.grad(slater_slogdet)(x), jax.hessian(slater_slogdet)(x)
-
-    (_, jac, lap), grad, hess = jax.jit(run)(x)
-    np.testing.assert_allclose(lap, jnp.trace(hess[coords][:, coords]), rtol=1e-9)
-    np.testing.assert_allclose(jac, grad[coords], rtol=1e-9)
-
-
-def test_number_of_directions_not_a_multiple_of_three() -> None:
-    # The default block size falls back to 1.
-    x = jnp.asarray(X[:7])
-
-    def f(x: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.tanh(x[:, None] * x[None, :]) ** 2)
-
-    got = jax.jit(fwdlap.value_grad_and_laplacian(f, sparsity=True))(x)
-    assert_triple_close(got, hessian_reference(f, x))
-
-
-def test_nested_jit_and_checkpoint_stay_sparse() -> None:
-    # Inner jit and remat are inlined by the sparse mode, not densified.
-    inner = jax.jit(embed)
-
-    @jax.checkpoint
-    def block(h: jax.Array) -> jax.Array:
-        return jnp.tanh(h @ W2)
-
-    def f(x: jax.Array) -> jax.Array:
-        return jnp.sum(block(inner(particles(x))) @ W_OUT)
-
-    x = jnp.asarray(X)
-    with fwdlap.record_densifications() as events:
-        got = jax.jit(fwdlap.value_grad_and_laplacian(f, sparsity=True))(x)
-    assert events_summary(events) == [("reduce_sum", "threshold")]
-    assert_triple_close(got, hessian_reference(f, x))
-
-
 # --- 4. observability ----------------------------------------------------------------
 
 
-def relu_sq(x: jax.Array) -> jax.Array:
-    return jnp.sum(jax.nn.relu(embed(particles(x))) ** 2)
-
-
 @jax.custom_jvp
-def soft_abs(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(x**2 + 0.5)
+def soft_norm(h: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(h**2, axis=-1) + 0.5)
 
 
-@soft_abs.defjvp
-def _soft_abs_jvp(primals: Any, tangents: Any) -> Any:
-    (x,), (t,) = primals, tangents
-    return soft_abs(x), x / soft_abs(x) * t
+@soft_norm.defjvp
+def _soft_norm_jvp(primals: Any, tangents: Any) -> Any:
+    (h,), (t,) = primals, tangents
+    norm = soft_norm(h)
+    return norm, jnp.sum(h * t, axis=-1) / norm  # not elementwise
 
 
 def per_particle_custom_jvp(x: jax.Array) -> jax.Array:
-    return jnp.sum(soft_abs(embed(particles(x))), axis=1)
+    return soft_norm(embed(particles(x)))
 
 
 def per_particle_while(x: jax.Array) -> jax.Array:
     def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         return jnp.sin(c[0]) + c[0], c[1] + 1
 
-    h, _ = lax.while_loop(lambda c: c[1] < 2, body, (embed(particles(x)), 0))
+    init = (embed(particles(x)), jnp.asarray(0))
+    h, _ = lax.while_loop(lambda c: c[1] < 2, body, init)
     return h
 
 
@@ -656,37 +653,45 @@ def per_particle_scan(x: jax.Array) -> jax.Array:
 
 
 def per_particle_cond(x: jax.Array) -> jax.Array:
+    # The predicate is traced under jit only (eagerly the branch is inlined).
     return lax.cond(x[0] > 0, jnp.sin, jnp.cos, embed(particles(x)))
 
 
 RULE_CASES = [
-    (per_particle_custom_jvp, "soft_abs"),
-    (per_particle_while, "while"),
-    (per_particle_scan, "scan"),
-    (per_particle_cond, "cond"),
+    (per_particle_custom_jvp, "soft_norm", False),
+    (per_particle_custom_jvp, "soft_norm", True),
+    (per_particle_while, "while", False),
+    (per_particle_while, "while", True),
+    (per_particle_scan, "scan", False),
+    (per_particle_scan, "scan", True),
+    (per_particle_cond, "cond", True),
 ]
-RULE_IDS = ["custom_jvp", "while", "scan", "cond"]
 
 
-@pytest.mark.parametrize(("fun", "primitive"), RULE_CASES, ids=RULE_IDS)
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_rule_densification_is_recorded(
-    fun: Callable[[jax.Array], jax.Array], primitive: str, jit: bool
-) -> None:
+@pytest.mark.parametrize(
+    ("fun", "primitive", "jit"),
+    RULE_CASES,
+    ids=[f"{p}-{'jit' if j else 'eager'}" for _, p, j in RULE_CASES],
+)
+def test_rule_densification_is_recorded(fun: Fun, primitive: str, jit: bool) -> None:
     x = jnp.asarray(X)
-
-    def run(x: jax.Array) -> Any:
-        return lap_of(fun, x, True)
-
+    run = functools.partial(lap_of, fun, sparsity=True)
     with fwdlap.record_densifications() as events:
         got = (jax.jit(run) if jit else run)(x)
     assert events_summary(events) == [(primitive, "rule")]
     (event,) = events
-    assert THIS_FILE in event.source
-    assert fun.__name__ in event.source
+    assert THIS_FILE in event.source and fun.__name__ in event.source
     assert event.shape == (N, WIDTH)
-    assert primitive in str(event) and "rule" in str(event)
+    assert primitive in str(event) and "(rule)" in str(event) and event.reason
     assert_triple_close(got, reference_triple(fun, x))
+
+
+def test_cond_with_concrete_predicate_stays_sparse() -> None:
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events:
+        got = lap_of(per_particle_cond, x, True)
+    assert events == []
+    assert_triple_close(got, reference_triple(per_particle_cond, x))
 
 
 def test_threshold_densification_is_recorded() -> None:
@@ -698,7 +703,7 @@ def test_threshold_densification_is_recorded() -> None:
     assert THIS_FILE in event.source and "particle_mlp_sum" in event.source
     assert event.blocks == N
     assert event.shape == (N,)
-    np.testing.assert_allclose(lap, hessian_reference(particle_mlp_sum, x)[2])
+    np.testing.assert_allclose(lap, hessian_reference_jit(particle_mlp_sum, x)[2])
 
 
 def test_traced_jacobian_under_jit_is_recorded() -> None:
@@ -755,8 +760,8 @@ def test_on_densify_raise() -> None:
     x = jnp.asarray(X)
     sparsity = fwdlap.Sparsity(on_densify="raise")
     with pytest.raises(fwdlap.DensificationError, match="cond"):
-        lap_of(per_particle_cond, x, sparsity)
-    with pytest.raises(fwdlap.DensificationError, match="soft_abs"):
+        jax.jit(functools.partial(lap_of, per_particle_cond, sparsity=sparsity))(x)
+    with pytest.raises(fwdlap.DensificationError, match="soft_norm"):
         jax.jit(fwdlap.laplacian(per_particle_custom_jvp, sparsity=sparsity))(x)
     # Threshold events do not raise.
     got = lap_of(particle_mlp_sum, x, sparsity)
@@ -779,10 +784,9 @@ def test_densifications_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     lap_of(per_particle_while, x, True)
     records = [r for r in caplog.records if r.name == "fwdlap.sparse"]
     assert [r.levelno for r in records] == [logging.DEBUG, logging.DEBUG]
-    assert "reduce_sum" in records[0].getMessage()
-    assert "threshold" in records[0].getMessage()
-    assert "while" in records[1].getMessage() and "rule" in records[1].getMessage()
-    assert THIS_FILE in records[1].getMessage()
+    first, second = (r.getMessage() for r in records)
+    assert "reduce_sum" in first and "threshold" in first
+    assert "while" in second and "rule" in second and THIS_FILE in second
 
 
 # --- 5. sparsity is kept -------------------------------------------------------------
@@ -793,21 +797,20 @@ X_BIG = np.random.default_rng(3).normal(size=3 * N_BIG)
 
 def test_particle_mlp_stays_sparse_until_the_sum() -> None:
     x = jnp.asarray(X_BIG)
+    sparse = fwdlap.laplacian(particle_mlp_sum, sparsity=True)
     with fwdlap.record_densifications() as events:
-        sparse = jax.jit(fwdlap.laplacian(particle_mlp_sum, sparsity=True))
         jaxpr_sparse = jax.make_jaxpr(sparse)(x)
     assert events_summary(events) == [("reduce_sum", "threshold")]
     assert events[0].blocks == N_BIG
-    # The dense pass holds (3N, N, WIDTH) hidden-layer jacobians; the sparse one only
+    # The dense pass holds (3N, N, WIDTH) hidden-layer jacobians; the sparse one
     # (3, N, WIDTH): one particle's block per element.
     jaxpr_dense = jax.make_jaxpr(fwdlap.laplacian(particle_mlp_sum))(x)
     full = (3 * N_BIG, N_BIG, WIDTH)
     assert full in jaxpr_shapes(jaxpr_dense)
     assert full not in jaxpr_shapes(jaxpr_sparse)
     assert (3, N_BIG, WIDTH) in jaxpr_shapes(jaxpr_sparse)
-    np.testing.assert_allclose(
-        sparse(x), hessian_reference_jit(particle_mlp_sum, x)[2], rtol=1e-9
-    )
+    got, ref = jax.jit(lambda x: (sparse(x), hessian_reference(particle_mlp_sum, x)))(x)
+    np.testing.assert_allclose(got, ref[2], rtol=1e-9)
 
 
 def test_pair_stream_stays_sparse_until_the_sum_over_j() -> None:
@@ -821,21 +824,34 @@ def test_pair_stream_stays_sparse_until_the_sum_over_j() -> None:
     assert events_summary(events) == [("reduce_sum", "threshold")]
     assert events[0].shape == (N_BIG, N_BIG, WIDTH)
     assert (3 * N_BIG, N_BIG, N_BIG, WIDTH) not in jaxpr_shapes(jaxpr)
+    assert (6, N_BIG, N_BIG, WIDTH) in jaxpr_shapes(jaxpr)  # two blocks per element
 
 
-def test_slater_determinant_rows_stay_sparse() -> None:
-    # The sparse slogdet rule takes the per-electron rows; only scalars become dense.
-    x = jnp.asarray(X_BIG)
-
-    def f(x: jax.Array) -> jax.Array:
-        r = particles(x)
-        phi = jnp.tanh(r @ jnp.asarray(W1[:, :3]) @ np.ones((3, N_BIG)) * 0.3)
-        return jnp.linalg.slogdet(phi + jnp.eye(N_BIG))[1]
-
+@pytest.mark.parametrize(
+    "fun", [slater_slogdet, slater_batched, stacked_softmax], ids=lambda f: f.__name__
+)
+def test_only_the_final_reductions_densify(fun: Fun) -> None:
+    # Determinant rows, jnp.stack, softmax (its stop_gradient) and relu keep the
+    # per-particle blocks: the only densifications produce scalars or (N,)-vectors.
+    x = jnp.asarray(X)
     with fwdlap.record_densifications() as events:
-        got = jax.jit(fwdlap.value_grad_and_laplacian(f, sparsity=True))(x)
-    assert all(e.shape == () for e in events), events
-    assert_triple_close(got, hessian_reference(f, x))
+        got = jax.jit(functools.partial(lap_of, fun, sparsity=True))(x)
+    assert all(e.cause == "threshold" for e in events), events_summary(events)
+    assert all(len(e.shape) <= 1 for e in events), [e.shape for e in events]
+    assert_triple_close(got, reference_triple(fun, x))
+
+
+@pytest.mark.parametrize("fun", [slater_slogdet, slater_det], ids=lambda f: f.__name__)
+def test_determinant_densification_is_recorded(fun: Fun) -> None:
+    # The determinant depends on all N particles, more than the default N / 2, so its
+    # jacobian becomes dense; like any other densification that must be reported.
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(lap_of, fun, sparsity=True))(x)
+    assert_triple_close(got, reference_triple(fun, x))
+    assert events_summary(events), "the determinant's dense jacobian went unreported"
+    assert all(e.cause == "threshold" and e.shape == () for e in events)
+    assert all(THIS_FILE in e.source for e in events)
 
 
 # --- 6. errors -----------------------------------------------------------------------
@@ -869,11 +885,17 @@ def test_bad_sparsity_values(value: Any, error: type[Exception]) -> None:
         {"threshold": 0},
         {"on_densify": "loud"},
     ],
-    ids=["block_0", "block_negative", "block_float", "block_bool", "threshold_0", "loud"],
+    ids=[
+        "block_0",
+        "block_negative",
+        "block_float",
+        "block_bool",
+        "threshold_0",
+        "loud",
+    ],
 )
 def test_bad_sparsity_settings(kwargs: dict[str, Any]) -> None:
-    name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         fwdlap.Sparsity(**kwargs)
 
 
@@ -883,10 +905,9 @@ def test_block_size_must_divide_the_directions() -> None:
         lap_of(_sq, x, fwdlap.Sparsity(block_size=5))
     with pytest.raises(ValueError, match="block_size"):
         fwdlap.laplacian(_sq, sparsity=fwdlap.Sparsity(block_size=8))(x)
-    # 4 divides 12: fine.
-    np.testing.assert_allclose(
-        fwdlap.laplacian(_sq, sparsity=fwdlap.Sparsity(block_size=4))(x), 2.0 * x.size
-    )
+    # 4 divides 12.
+    lap = fwdlap.laplacian(_sq, sparsity=fwdlap.Sparsity(block_size=4))(x)
+    np.testing.assert_allclose(lap, 2.0 * x.size)
 
 
 def test_sparsity_excludes_other_options() -> None:
@@ -919,11 +940,10 @@ def test_float32(name: str, n: int) -> None:
         return (
             lap_of(model32.fn, x, True),
             fwdlap.value_grad_and_laplacian(model32.fn, sparsity=True)(x),
+            hessian_reference(model64.fn, x.astype(jnp.float64)),
         )
 
-    (out, jac, lap), vgl = jax.jit(run)(x32)
-    assert {a.dtype for a in (out, jac, lap, *vgl)} == {np.dtype(np.float32)}
-    ref = hessian_reference_jit(model64.fn, x32.astype(jnp.float64))
-    for got in ((out, jac, lap), vgl):
-        for a, b in zip(got, ref, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    got_lap, got_vgl, ref = jax.jit(run)(x32)
+    assert {a.dtype for a in (*got_lap, *got_vgl)} == {np.dtype(np.float32)}
+    assert_triple_close(got_lap, ref, rtol=1e-4, atol=1e-4, err="lap")
+    assert_triple_close(got_vgl, ref, rtol=1e-4, atol=1e-4, err="vgl")
