@@ -108,10 +108,12 @@ def lap(
     - `sparsity`: `None` (the default) for dense jacobians, or the block-sparse mode:
         `True`, an int threshold or a [`fwdlap.Sparsity`][]. The sparse mode reads
         the zero pattern of each jacobian leaf from its values, so they must be known
-        while tracing: NumPy arrays, or JAX arrays created outside `jax.jit`. A
-        jacobian that is a tracer (built inside `jax.jit` or `jax.vmap`) is carried
-        dense, and that is reported as a [`fwdlap.Densification`][].
-        [`fwdlap.laplacian`][] builds its identity itself and has no such caveat.
+        while tracing: NumPy arrays, JAX arrays created outside `jax.jit`, or (with
+        JAX >= 0.10) arrays computed inside `jax.jit` from constants only, such as
+        `jnp.eye(n)`. A jacobian that is only known at run time (an argument of a
+        jitted function, or batched by `jax.vmap`) is carried dense, and that is
+        reported as a [`fwdlap.Densification`][]. [`fwdlap.laplacian`][] builds its
+        identity itself and has no such caveat.
         The outputs are dense either way.
 
     **Returns:**
