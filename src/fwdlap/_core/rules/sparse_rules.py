@@ -527,8 +527,9 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
     (lc, rc), (lbatch, rbatch) = params["dimension_numbers"]
     a_free = [d for d in range(jnp.ndim(a)) if d not in lc and d not in lbatch]
     b_free = [d for d in range(jnp.ndim(b)) if d not in rc and d not in rbatch]
-    out = primitive.bind(a, b, **params)
-    out_shape = tuple(out.shape)
+    out_shape = tuple(
+        jax.eval_shape(lambda a, b: primitive.bind(a, b, **params), a, b).shape
+    )
     bs = ctx.block_size
     side_a = side_b = None
     if is_sparse(ja):
@@ -546,7 +547,7 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
     if side_a is None or side_b is None:
         data, k, ix = side_a if side_a is not None else side_b  # type: ignore[misc]
         datas = {0: data} if side_a is not None else {1: data}
-        _, jac_out, lap_out = dense_rule(primitive)(
+        out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, datas, k * bs), laps, **params
         )
         idx = np.ascontiguousarray(np.broadcast_to(ix, (k, *out_shape)))
@@ -558,6 +559,7 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
     blocks = sparse.count_blocks(target)
     if blocks > ctx.max_blocks:
         return _too_many(ctx, "the result of dot_general", blocks)
+    out = primitive.bind(a, b, **params)
     first_a = jax.vmap(lambda j: primitive.bind(j, b, **params))(da)
     first_b = jax.vmap(lambda j: primitive.bind(a, j, **params))(db)
     jac_out = sparse.align(SparseJac(first_a, np.ascontiguousarray(oa), bs), target)
