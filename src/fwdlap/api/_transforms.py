@@ -124,22 +124,13 @@ def _keystr(path: Any) -> str:
     return text or "<root>"
 
 
-def _split_rows(rows: jax.Array, arg: _Argument) -> Any:
-    """Seeds `(k, d)` as a pytree of jacobians `(k, *leaf.shape)` shaped like `arg`."""
-    k = rows.shape[0]
-    out: list[jax.Array] = []
-    offset = 0
-    for leaf, size in zip(arg.leaves, arg.sizes, strict=True):
-        piece = rows[:, offset : offset + size].reshape(k, *leaf.shape)
-        out.append(piece.astype(leaf.dtype))
-        offset += size
-    return jax.tree_util.tree_unflatten(arg.treedef, out)
+def _split_rows(rows: Any, arg: _Argument) -> Any:
+    """Seeds `(k, d)` as a pytree of jacobians `(k, *leaf.shape)` shaped like `arg`.
 
-
-def _split_rows_numpy(rows: np.ndarray, arg: _Argument) -> Any:
-    """`_split_rows` in NumPy: the seeds stay concrete, which the sparse mode needs."""
+    NumPy seeds stay NumPy: concrete seeds are what the sparse mode reads.
+    """
     k = rows.shape[0]
-    out: list[np.ndarray] = []
+    out: list[Any] = []
     offset = 0
     for leaf, size in zip(arg.leaves, arg.sizes, strict=True):
         piece = rows[:, offset : offset + size].reshape(k, *leaf.shape)
@@ -329,7 +320,7 @@ def _evaluate(
 
     if sparsity is not None:  # identity seeds only (checked by the callers)
         eye = np.eye(dim, dtype=np.dtype(dtype))
-        jac = _split_rows_numpy(eye, arg)
+        jac = _split_rows(eye, arg)
         out, jac_out, lap_out = _lap_fn(
             f_x, (arg.tree,), (jac,), (zero_laps,), sparsity=sparsity
         )

@@ -118,14 +118,10 @@ def align_elementwise(ctx, what, primals, jacs, laps):
                 laps[i] = zero_laplacian(primals[i])
             if is_sparse(jacs[i]):
                 jacs[i] = _broadcast_sparse(jacs[i], shape)
-    sparse_ops = {i: j for i, j in enumerate(jacs) if is_sparse(j)}
-    target = sparse.union_all([j.idx for j in sparse_ops.values()])
-    blocks = sparse.count_blocks(target)
-    if blocks > ctx.max_blocks:
-        return _too_many(ctx, f"the result of {what}", blocks)
-    rows = target.shape[0] * ctx.block_size
-    datas = {i: sparse.align(j, target) for i, j in sparse_ops.items()}
-    return primals, _rows_jacs(primals, jacs, datas, rows), laps, target
+    aligned = align_slots(ctx, what, primals, jacs)
+    if isinstance(aligned, Fallback):
+        return aligned
+    return primals, aligned[0], laps, aligned[1]
 
 
 def align_slots(ctx, what, primals, jacs):
@@ -313,52 +309,55 @@ def _common_slots(jacs: Sequence[Any], primals: Sequence[Any], positions) -> tup
     return k, datas, idxs
 
 
-def concatenate_rule(ctx, primitive, primals, jacs, laps, params):
-    k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
-    idx = np.concatenate(
-        [idxs[i] for i in range(len(primals))], axis=params["dimension"] + 1
-    )
-    out, jac_out, lap_out = dense_rule(primitive)(
-        primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
-    )
-    return out, wrap(jac_out, idx, ctx.block_size), lap_out
+def _joining_rule(join_idx):
+    """Concatenate-like primitives: pad every operand to one slot count, then join."""
+
+    def rule(ctx, primitive, primals, jacs, laps, params):
+        k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
+        idx = join_idx([idxs[i] for i in range(len(primals))], params)
+        out, jac_out, lap_out = dense_rule(primitive)(
+            primals,
+            _rows_jacs(primals, jacs, datas, k * ctx.block_size),
+            laps,
+            **params,
+        )
+        return out, wrap(jac_out, idx, ctx.block_size), lap_out
+
+    return rule
 
 
-def stack_rule(ctx, primitive, primals, jacs, laps, params):
-    k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
-    idx = np.stack([idxs[i] for i in range(len(primals))], axis=params["axis"] + 1)
-    out, jac_out, lap_out = dense_rule(primitive)(
-        primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
-    )
-    return out, wrap(jac_out, idx, ctx.block_size), lap_out
+concatenate_rule = _joining_rule(
+    lambda idxs, p: np.concatenate(idxs, axis=p["dimension"] + 1)
+)
+stack_rule = _joining_rule(lambda idxs, p: np.stack(idxs, axis=p["axis"] + 1))
 
 
-def unstack_rule(ctx, primitive, primals, jacs, laps, params):
-    (jac,) = jacs
-    axis = params["axis"] + 1
-    idxs = [np.take(jac.idx, i, axis=axis) for i in range(jac.idx.shape[axis])]
-    outs, jac_outs, lap_outs = dense_rule(primitive)(
-        primals, [jac.data], laps, **params
-    )
-    jac_outs = [
-        wrap(j, np.ascontiguousarray(i), ctx.block_size)
-        for j, i in zip(jac_outs, idxs, strict=True)
+def _splitting_rule(split_idx):
+    """Primitives with one operand and several outputs that partition it."""
+
+    def rule(ctx, primitive, primals, jacs, laps, params):
+        (jac,) = jacs
+        idxs = split_idx(jac.idx, params)
+        outs, jac_outs, lap_outs = dense_rule(primitive)(
+            primals, [jac.data], laps, **params
+        )
+        jac_outs = [
+            wrap(j, np.ascontiguousarray(i), ctx.block_size)
+            for j, i in zip(jac_outs, idxs, strict=True)
+        ]
+        return outs, jac_outs, lap_outs
+
+    return rule
+
+
+split_rule = _splitting_rule(
+    lambda idx, p: np.split(idx, np.cumsum(p["sizes"])[:-1], axis=p["axis"] + 1)
+)
+unstack_rule = _splitting_rule(
+    lambda idx, p: [
+        np.take(idx, i, axis=p["axis"] + 1) for i in range(idx.shape[p["axis"] + 1])
     ]
-    return outs, jac_outs, lap_outs
-
-
-def split_rule(ctx, primitive, primals, jacs, laps, params):
-    (jac,) = jacs
-    cuts = np.cumsum(params["sizes"])[:-1]
-    idxs = np.split(jac.idx, cuts, axis=params["axis"] + 1)
-    outs, jac_outs, lap_outs = dense_rule(primitive)(
-        primals, [jac.data], laps, **params
-    )
-    jac_outs = [
-        wrap(j, np.ascontiguousarray(i), ctx.block_size)
-        for j, i in zip(jac_outs, idxs, strict=True)
-    ]
-    return outs, jac_outs, lap_outs
+)
 
 
 def _eager_idx(fn: Callable[..., Any], *idxs: np.ndarray) -> np.ndarray:
@@ -522,6 +521,17 @@ def _side_idx(
     return r.reshape(k, *r.shape[1 : 1 + nb], *([1] * other_free), *r.shape[1 + nb :])
 
 
+def _dot_side(ctx, jac, contract, batch, free, other_free, a_side):
+    """`(aligned data, slots, output-layout idx)` of one sparse operand, or None."""
+    if not is_sparse(jac):
+        return None
+    union = sparse.union_along(jac.idx, contract, ctx.max_blocks)
+    if union is None:
+        return _too_many(ctx, "dot_general's contraction")
+    idx = _side_idx(union, contract, batch, free, other_free, a_side)
+    return sparse.align(jac, union), union.shape[0], idx
+
+
 def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
     (a, b), (ja, jb), (la, lb) = primals, jacs, laps
     (lc, rc), (lbatch, rbatch) = params["dimension_numbers"]
@@ -531,21 +541,14 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
         jax.eval_shape(lambda a, b: primitive.bind(a, b, **params), a, b).shape
     )
     bs = ctx.block_size
-    side_a = side_b = None
-    if is_sparse(ja):
-        ua = sparse.union_along(ja.idx, lc, ctx.max_blocks)
-        if ua is None:
-            return _too_many(ctx, "dot_general's contraction")
-        ia = _side_idx(ua, lc, lbatch, a_free, len(b_free), True)
-        side_a = (sparse.align(ja, ua), ua.shape[0], ia)
-    if is_sparse(jb):
-        ub = sparse.union_along(jb.idx, rc, ctx.max_blocks)
-        if ub is None:
-            return _too_many(ctx, "dot_general's contraction")
-        ib = _side_idx(ub, rc, rbatch, b_free, len(a_free), False)
-        side_b = (sparse.align(jb, ub), ub.shape[0], ib)
+    side_a = _dot_side(ctx, ja, lc, lbatch, a_free, len(b_free), True)
+    side_b = _dot_side(ctx, jb, rc, rbatch, b_free, len(a_free), False)
+    if isinstance(side_a, Fallback):
+        return side_a
+    if isinstance(side_b, Fallback):
+        return side_b
     if side_a is None or side_b is None:
-        data, k, ix = side_a if side_a is not None else side_b  # type: ignore[misc]
+        data, k, ix = side_a if side_a is not None else side_b  # pyright: ignore
         datas = {0: data} if side_a is not None else {1: data}
         out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, datas, k * bs), laps, **params
