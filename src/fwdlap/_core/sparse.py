@@ -251,6 +251,23 @@ def union_along(idx: np.ndarray, axes: Sequence[int], cap: int) -> np.ndarray | 
     return np.ascontiguousarray(np.moveaxis(out, dst, src))
 
 
+def count_blocks_along(idx: np.ndarray, axes: Sequence[int], num_blocks: int) -> int:
+    """The largest number of distinct blocks of any element after a sum over `axes`.
+
+    Uses a presence table instead of building the union, so it stays cheap when the
+    union is large (it only serves densification reports).
+    """
+    axes = sorted(set(axes))
+    keep = [a for a in range(idx.ndim - 1) if a not in axes]
+    moved = np.moveaxis(idx, [a + 1 for a in keep], list(range(1, 1 + len(keep))))
+    groups = int(np.prod([idx.shape[a + 1] for a in keep], dtype=np.int64))
+    flat = moved.reshape(idx.shape[0], groups, -1)
+    present = np.zeros((groups, num_blocks + 1), bool)
+    rows = np.broadcast_to(np.arange(groups)[None, :, None], flat.shape)
+    present[rows.ravel(), flat.ravel() + 1] = True
+    return int(present[:, 1:].sum(axis=1).max()) if groups else 0
+
+
 def count_blocks(idx: np.ndarray) -> int:
     """The largest number of blocks of any element."""
     return int((idx >= 0).sum(axis=0).max()) if idx.size else 0

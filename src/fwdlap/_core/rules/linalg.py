@@ -179,8 +179,7 @@ def _sum_last_axis(ctx: Any, sj: Any) -> Any:
     axis = len(sj.shape) - 1
     target = sparse.union_along(sj.idx, (axis,), ctx.max_blocks)
     if target is None:
-        full = sparse.union_along(sj.idx, (axis,), ctx.num_blocks)
-        blocks = 0 if full is None else sparse.count_blocks(full)
+        blocks = sparse.count_blocks_along(sj.idx, (axis,), ctx.num_blocks)
         ctx.densified(
             "slogdet/det",
             "threshold",

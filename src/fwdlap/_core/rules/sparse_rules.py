@@ -183,8 +183,7 @@ def _dense_sum(ctx, primals, jac, laps, params):
     axes = tuple(params["axes"])
     (x,), (lap,) = primals, laps
     out = lax.reduce_sum_p.bind(x, **params)
-    full = sparse.union_along(jac.idx, axes, ctx.num_blocks)
-    blocks = 0 if full is None else sparse.count_blocks(full)
+    blocks = sparse.count_blocks_along(jac.idx, axes, ctx.num_blocks)
     ctx.densified(
         lax.reduce_sum_p,
         "threshold",
