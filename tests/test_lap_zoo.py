@@ -76,6 +76,12 @@ def _spd(x: jax.Array) -> jax.Array:
     return m @ m.T + jnp.eye(3)
 
 
+def _attention_scores(x: jax.Array) -> jax.Array:
+    q = x.reshape(3, 1, 1) * jnp.ones((3, 2, 1))
+    k = jnp.cos(x).reshape(3, 1, 1) * jnp.arange(1.0, 3.0).reshape(1, 2, 1)
+    return jnp.einsum("ihd,jhd->hij", q, k)
+
+
 ZOO = [
     # --- elementwise math ---
     Case("exp", jnp.exp, ANY),
@@ -239,6 +245,9 @@ ZOO = [
     Case("matmul_both_traced", lambda x: jnp.outer(x, x) @ jnp.sin(x), ANY),
     Case("einsum_batched", lambda x: jnp.einsum("ij,ik->ijk", x, x**2), GRID),
     Case("dot_self", lambda x: jnp.dot(x, x), ANY),
+    # Output larger than both operands: the first order is one product over [J_a, a].
+    Case("matmul_outer_both_traced", lambda x: x[:, None] @ jnp.sin(x)[None, :], ANY),
+    Case("attention_scores", _attention_scores, ANY),
     # --- convolution ---
     Case("conv_const_kernel", _conv_const_kernel, ANY),
     Case("conv_tangent_kernel", _conv_tangent_kernel, ANY),

@@ -75,6 +75,40 @@ def _shifted_dims(dimension_numbers: Any) -> Any:
     return ((0, *shift(lc)), (0, *shift(rc))), (shift(lb), shift(rb))
 
 
+def _one_product_pays(a: Any, b: Any, out: Any, ja: Any, jb: Any, params: Any) -> bool:
+    """Whether `J_a b + a J_b` is cheaper as one product over a doubled contraction.
+
+    Two products write the output jacobian twice and add them; one product over
+    `[J_a, a] . [b, J_b]` writes it once but copies `a` and `b` per direction. That
+    pays when the output is larger than the operands (attention scores, say).
+    """
+    (lc, _), _ = params["dimension_numbers"]
+    if is_zero(ja) or is_zero(jb) or not lc:
+        return False
+    return jnp.size(out) > jnp.size(a) + jnp.size(b)
+
+
+def _first_order_as_one_product(ja: Any, jb: Any, a: Any, b: Any, params: Any) -> Any:
+    """`J_a[k] b + a J_b[k]` for all k as one dot_general over `[J_a, a] . [b, J_b]`."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    n = ja.shape[0]
+    lhs = jnp.concatenate(
+        [ja, jnp.broadcast_to(a, (n, *jnp.shape(a))).astype(ja.dtype)], axis=lc[0] + 1
+    )
+    rhs = jnp.concatenate(
+        [jnp.broadcast_to(b, (n, *jnp.shape(b))).astype(jb.dtype), jb], axis=rc[0] + 1
+    )
+    shift = lambda dims: tuple(d + 1 for d in dims)  # noqa: E731
+    dims = ((shift(lc), shift(rc)), ((0, *shift(lb)), (0, *shift(rb))))
+    return lax.dot_general(
+        lhs,
+        rhs,
+        dims,
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+    )
+
+
 def dot_general_rule(
     primals: Sequence[Any],
     jacobians: Sequence[Any],
@@ -85,7 +119,10 @@ def dot_general_rule(
     prim = lax.dot_general_p
     out = prim.bind(a, b, **params)
     zero = zero_laplacian(out)
-    jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
+    if _one_product_pays(a, b, out, ja, jb, params):
+        jac_out = _first_order_as_one_product(ja, jb, a, b, params)
+    else:
+        jac_out = _apply_to_directions(prim, ja, jb, a, b, params)
     if jac_out is None:
         jac_out = zero_jacobian(out, num_directions(jacobians))
     lap_out = _first_order(prim, la, lb, a, b, params, zero)
