@@ -175,18 +175,14 @@ class LapTrace(_jax.Trace):
                 outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
 
-    def _densify_all(
-        self, what: Any, jacs: Any, reason: str, cause: str = "rule"
-    ) -> list[Any]:
+    def _densify_all(self, name: str, jacs: Any, reason: str, cause: str) -> list[Any]:
+        from .rules import sparse_rules
+
         ctx = self.sparse
         assert ctx is not None
-        name = getattr(what, "__name__", None) or str(what)
-        shapes = [j.shape for j in jacs if is_sparse(j)]
-        ctx.densified(name, cause, reason, shapes[0] if shapes else ())
+        fallback = sparse_rules.Fallback(cause, reason)
         with _jax.set_current_trace(self.parent_trace):
-            return [
-                sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs
-            ]
+            return sparse_rules.densify_operands(ctx, name, jacs, fallback)
 
     def _traced_custom_jvp(
         self, fun: Any, primals: Any, jacs: Any, laps: Any, jvp: Any, zeros: bool

@@ -33,7 +33,7 @@ from jax import lax
 
 from .. import _jax, registry, sparse
 from ..sparse import SparseContext, SparseJac, is_sparse
-from ..zeros import Zero, add, is_zero, zero_jacobian, zero_laplacian
+from ..zeros import add, is_zero, zero_jacobian, zero_laplacian
 
 
 class Fallback:
@@ -69,16 +69,12 @@ def dense_rule(primitive: Any) -> Callable[..., Any]:
     return rule
 
 
-def _zero_like_rows(primal: Any, rows: int) -> Any:
-    return zero_jacobian(primal, rows)
-
-
 def _rows_jacs(
     primals: Sequence[Any], jacs: Sequence[Any], datas: dict[int, Any], rows: int
 ) -> list[Any]:
     """Jacobians for a dense rule: aligned data where given, zeros of `rows` else."""
     return [
-        datas[i] if i in datas else _zero_like_rows(p, rows)
+        datas[i] if i in datas else zero_jacobian(p, rows)
         for i, p in enumerate(primals)
     ]
 
@@ -761,10 +757,3 @@ def finish(ctx: SparseContext, primitive: Any, out: Any, jac: Any) -> Any:
         )
         return sparse.densify(jac, ctx.num_blocks)
     return jac
-
-
-def is_zero_or_sparse(j: Any) -> bool:
-    return is_zero(j) or is_sparse(j)
-
-
-__all__ = ["Zero", "finish", "process", "sparse_rules"]
