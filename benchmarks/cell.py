@@ -11,7 +11,9 @@ for each configuration (one unbatched jitted call per configuration, which
 avoids the batched-hessian hang). ``time`` runs every method of the cell in
 this one process: build, lower and compile ``jit(vmap(lap_fn))``, a warm-up
 call that also gives the error against the reference, then the timed calls,
-interleaved round-robin over methods so their ratios survive a noisy machine.
+interleaved round-robin over methods so their ratios survive a noisy machine
+(each timed call right after an untimed one of the same method, so that no method
+inherits another's cache footprint).
 
 Progress goes to stdout as ``BENCH {json}`` lines, one before each phase, so
 the parent can tell which method was in flight if the process hangs.
@@ -121,13 +123,20 @@ def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
 
 
 def time_round_robin(compiled: dict, xs, repeats: int) -> dict[str, list[float]]:
-    """Times every compiled method ``repeats`` times, interleaved; ms per call."""
+    """Times every compiled method ``repeats`` times, interleaved; ms per call.
+
+    Each timed call follows an untimed call of the same method. Without it a
+    method's time depends on which method ran just before: a memory-hungry
+    predecessor (``jvp_of_grad``) evicted the next method's buffers from the caches
+    and slowed it by up to 40% (measured on ``folx_dense``, FermiNet N = 16).
+    """
     import jax
 
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for rep in range(repeats):
         for name, fn in compiled.items():
             emit("status", method=name, phase=f"run {rep + 1}/{repeats}")
+            jax.block_until_ready(fn(xs))
             start = time.perf_counter()
             jax.block_until_ready(fn(xs))
             times[name].append(1e3 * (time.perf_counter() - start))
