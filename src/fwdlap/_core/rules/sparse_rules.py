@@ -167,6 +167,8 @@ def reduce_rule(ctx, primitive, primals, jacs, laps, params):
     target = sparse.union_along(jac.idx, axes, ctx.max_blocks)
     if target is None and primitive is lax.reduce_sum_p:
         return _dense_sum(ctx, primals, jac, laps, params)
+    if target is None and primitive in (lax.reduce_max_p, lax.reduce_min_p):
+        return _dense_chooser(ctx, primitive, primals, jac, laps, params)
     if target is None:
         return _too_many(ctx, f"{primitive} over axes {axes}")
     data = sparse.align(jac, target)
@@ -174,24 +176,48 @@ def reduce_rule(ctx, primitive, primals, jacs, laps, params):
     return out, wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
 
 
+def _report_dense_reduction(ctx, primitive, jac, axes):
+    blocks = sparse.count_blocks_along(jac.idx, axes, ctx.num_blocks)
+    ctx.densified(
+        primitive,
+        "threshold",
+        f"the {primitive} over axes {axes} depends on {blocks} blocks per element, "
+        f"more than {ctx.max_blocks}",
+        jac.shape,
+        blocks,
+    )
+
+
 def _dense_sum(ctx, primals, jac, laps, params):
     """A sum over more blocks than the threshold: scatter straight into dense form."""
     axes = tuple(params["axes"])
     (x,), (lap,) = primals, laps
     out = lax.reduce_sum_p.bind(x, **params)
-    blocks = sparse.count_blocks_along(jac.idx, axes, ctx.num_blocks)
-    ctx.densified(
-        lax.reduce_sum_p,
-        "threshold",
-        f"the sum over axes {axes} depends on {blocks} blocks per element, more "
-        f"than {ctx.max_blocks}",
-        jac.shape,
-        blocks,
-    )
+    _report_dense_reduction(ctx, lax.reduce_sum_p, jac, axes)
     lap_out = (
         zero_laplacian(out) if is_zero(lap) else lax.reduce_sum_p.bind(lap, **params)
     )
     return out, sparse.densify(jac, ctx.num_blocks, axes), lap_out
+
+
+def _dense_chooser(ctx, primitive, primals, jac, laps, params):
+    """max/min over more blocks than the threshold, without densifying the input.
+
+    The derivative of a max is that of the chosen element (averaged over ties, as in
+    JAX's own rule) and it has no second-order term: weight the sparse jacobian by
+    the choice, then sum it into dense form like a sum.
+    """
+    axes = tuple(params["axes"])
+    (x,), (lap,) = primals, laps
+    out = primitive.bind(x, **params)
+    kept = [d for d in range(jnp.ndim(x)) if d not in axes]
+    chosen = x == lax.broadcast_in_dim(out, jnp.shape(x), kept)
+    weight = chosen / jnp.sum(chosen, axis=axes, keepdims=True).astype(x.dtype)
+    weight = weight.astype(jac.data.dtype)
+    _report_dense_reduction(ctx, primitive, jac, axes)
+    weighted = jac.with_data(jac.data * weight[None])
+    lap_out = zero_laplacian(out) if is_zero(lap) else jnp.sum(lap * weight, axes)
+    return out, sparse.densify(weighted, ctx.num_blocks, axes), lap_out
 
 
 def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
