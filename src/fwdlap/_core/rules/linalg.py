@@ -86,17 +86,42 @@ def _log_abs_det_parts(
     return n, sign, logdet, jac_log, lap_log
 
 
+def _slogdet_outputs(parts: tuple[int, Any, Any, Any, Any]) -> Any:
+    """`[sign, log|det|]` with their tangents (the sign's are zero)."""
+    n, sign, logdet, jac_log, lap_log = parts
+    sign_jac = zero_jacobian(sign, n)
+    sign_lap = zero_laplacian(sign)
+    return [sign, logdet], [sign_jac, jac_log], [sign_lap, lap_log]
+
+
+def _det_outputs(parts: tuple[int, Any, Any, Any, Any]) -> Any:
+    """`[det]` and its tangents from those of log|det| (dense or block-sparse)."""
+    from .. import sparse
+
+    n, sign, logdet, jac_log, lap_log = parts
+    det = sign * jnp.exp(logdet)
+    if is_zero(jac_log):
+        jac_det: Any = zero_jacobian(det, n)
+        lap_det: Any = lap_log if is_zero(lap_log) else det * lap_log
+    else:
+        # Block-sparse rows name distinct blocks per element, so the sum of squares
+        # over directions is the sum over the stored rows either way.
+        if sparse.is_sparse(jac_log):
+            rows = jac_log.data
+            jac_det = jac_log.with_data(det * rows)
+        else:
+            rows = jac_log
+            jac_det = det * rows
+        lap_det = det * add(lap_log, jnp.sum(rows * rows, axis=0))
+    return [det], [jac_det], [lap_det]
+
+
 def slogdet_rule(
     primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
 ) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.slogdet` (outputs `[sign, logabsdet]`)."""
     parts = _log_abs_det_parts(primals, jacobians, laplacians)
-    if parts is None:
-        return NotImplemented
-    n, sign, logdet, jac_log, lap_log = parts
-    sign_jac = zero_jacobian(sign, n)
-    sign_lap = zero_laplacian(sign)
-    return [sign, logdet], [sign_jac, jac_log], [sign_lap, lap_log]
+    return NotImplemented if parts is None else _slogdet_outputs(parts)
 
 
 def det_rule(
@@ -104,17 +129,7 @@ def det_rule(
 ) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.det` (for matrices larger than 3x3)."""
     parts = _log_abs_det_parts(primals, jacobians, laplacians)
-    if parts is None:
-        return NotImplemented
-    n, sign, logdet, jac_log, lap_log = parts
-    det = sign * jnp.exp(logdet)
-    if is_zero(jac_log):
-        jac_det: Any = zero_jacobian(det, n)
-        lap_det: Any = lap_log if is_zero(lap_log) else det * lap_log
-    else:
-        jac_det = det * jac_log
-        lap_det = det * add(lap_log, jnp.sum(jac_log * jac_log, axis=0))
-    return [det], [jac_det], [lap_det]
+    return NotImplemented if parts is None else _det_outputs(parts)
 
 
 for _fn in _jax.slogdet_custom_jvps:
@@ -141,11 +156,11 @@ def _sparse_log_abs_det(ctx: Any, primals, jacobians, laplacians):
 
     (a,), (ja,), (la,) = primals, jacobians, laplacians
     if not _is_real(a) or not sparse.is_sparse(ja):
-        return NotImplemented
+        return None
     cols = jnp.ndim(a) - 1
     target = sparse.union_along(ja.idx, (cols,), ctx.max_blocks)
     if target is None:
-        return NotImplemented
+        return None
     k, bs = target.shape[0], ctx.block_size
     data = sparse.align(ja, target).reshape(k, bs, *jnp.shape(a))
     rows_idx = target[..., 0]  # (k, ..., m)
@@ -169,7 +184,7 @@ def _sparse_log_abs_det(ctx: Any, primals, jacobians, laplacians):
     lap_log: Any = zero_laplacian(logdet) if second is None else -second
     if not is_zero(la):
         lap_log = add(lap_log, jnp.einsum("...ij,...ji->...", inverse, la))
-    return sign, logdet, jac_log, lap_log
+    return ctx.n, sign, logdet, jac_log, lap_log
 
 
 def _sum_last_axis(ctx: Any, sj: Any) -> Any:
@@ -192,39 +207,14 @@ def _sum_last_axis(ctx: Any, sj: Any) -> Any:
     return sparse.SparseJac(data, target[..., 0], sj.block_size)
 
 
-def _sum_squares_over_directions(jac: Any) -> Any:
-    from .. import sparse
-
-    data = jac.data if sparse.is_sparse(jac) else jac
-    return jnp.sum(data * data, axis=0)
-
-
 def sparse_slogdet_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
     parts = _sparse_log_abs_det(ctx, primals, jacobians, laplacians)
-    if parts is NotImplemented:
-        return NotImplemented
-    sign, logdet, jac_log, lap_log = parts
-    return (
-        [sign, logdet],
-        [zero_jacobian(sign, ctx.n), jac_log],
-        [zero_laplacian(sign), lap_log],
-    )
+    return NotImplemented if parts is None else _slogdet_outputs(parts)
 
 
 def sparse_det_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
-    from .. import sparse
-
     parts = _sparse_log_abs_det(ctx, primals, jacobians, laplacians)
-    if parts is NotImplemented:
-        return NotImplemented
-    sign, logdet, jac_log, lap_log = parts
-    det = sign * jnp.exp(logdet)
-    if sparse.is_sparse(jac_log):
-        jac_det: Any = jac_log.with_data(det * jac_log.data)
-    else:
-        jac_det = det * jac_log
-    lap_det = det * add(lap_log, _sum_squares_over_directions(jac_log))
-    return [det], [jac_det], [lap_det]
+    return NotImplemented if parts is None else _det_outputs(parts)
 
 
 def small_slogdet_rule(primals, jacobians, laplacians) -> Any:
