@@ -60,6 +60,19 @@ def reference_values(
 reference_triple = jax.jit(reference_values, static_argnums=0)
 
 
+def assert_matches_reference(
+    got: Any,
+    fun: Callable[[jax.Array], Any],
+    x: jax.Array,
+    rtol: float = 1e-7,
+    atol: float = 1e-8,
+) -> None:
+    """`(out, jacobian, laplacian)` against `reference_triple(fun, x)`."""
+    ref = reference_triple(fun, x)
+    for name, a, b in zip(("value", "jacobian", "laplacian"), got, ref, strict=True):
+        assert tree_allclose(a, b, rtol=rtol, atol=atol), name
+
+
 def hessian_trace_weighted(
     f: Callable[[jax.Array], Any], x: jax.Array, v: jax.Array
 ) -> Any:

@@ -16,8 +16,8 @@ from jax import lax
 
 import fwdlap
 from helpers import (
+    assert_matches_reference,
     identity_jacobian,
-    reference_triple,
     reference_values,
     tree_allclose,
 )
@@ -284,10 +284,7 @@ _lap_full = jax.jit(_lap_eager, static_argnums=0)
 def test_control_flow(case: Case) -> None:
     x = jnp.asarray(X)
     out, jac, lap = _lap_full(case.fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(case.fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), case.fun, x)
 
 
 @pytest.mark.parametrize("name", ["scan_xs_depend_on_input", "while", "cond", "remat"])
@@ -295,10 +292,7 @@ def test_control_flow_eager(name: str) -> None:
     case = next(c for c in CASES if c.name == name)
     x = jnp.asarray(X)
     out, jac, lap = _lap_eager(case.fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(case.fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), case.fun, x)
 
 
 def _fori_dynamic(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
@@ -453,7 +447,4 @@ CALLS = [
 def test_call_like_primitives(case: Case) -> None:
     x = jnp.asarray(X)
     out, jac, lap = _lap_full(case.fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(case.fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), case.fun, x)

@@ -14,7 +14,11 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 
@@ -126,20 +130,14 @@ _lap_full = jax.jit(_lap_eager, static_argnums=0)
 def test_custom_jvp(fun: Callable[[jax.Array], Any]) -> None:
     x = jnp.asarray(X)
     out, jac, lap = _lap_full(fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 def test_custom_jvp_eager() -> None:
     fun = lambda x: _smooth_abs(x) * jax.nn.gelu(x)
     x = jnp.asarray(X)
     out, jac, lap = _lap_eager(fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 def test_custom_jvp_symbolic_zeros() -> None:
@@ -151,10 +149,7 @@ def test_custom_jvp_symbolic_zeros() -> None:
     out, jac, lap = fwdlap.lap(fun, (x, y), (identity_jacobian(x), None), (None, None))
     assert _SEEN_SYMBOLIC and all(zy and not zx for zx, zy in _SEEN_SYMBOLIC)
     fx = lambda x: fun(x, y)
-    ref_out, ref_jac, ref_lap = reference_triple(fx, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fx, x)
 
 
 def test_custom_jvp_symbolic_zeros_both_sides() -> None:
@@ -164,10 +159,7 @@ def test_custom_jvp_symbolic_zeros_both_sides() -> None:
     _SEEN_SYMBOLIC.clear()
     out, jac, lap = _lap_eager(fun, x)
     assert _SEEN_SYMBOLIC and not any(zx or zy for zx, zy in _SEEN_SYMBOLIC)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 def test_custom_jvp_rule_is_used() -> None:

@@ -14,7 +14,12 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    reference_triple,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 W = np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8], [0.4, 0.4, 0.1]])
@@ -48,10 +53,9 @@ def test_float_dtypes(dtype: Any, rtol: float, atol: float) -> None:
     out, jac, lap = _jit_lap(_real_fun, x)
     assert out.dtype == jac.dtype == lap.dtype == dtype
     # The reference runs in float64 for float32 inputs too.
-    ref_out, ref_jac, ref_lap = reference_triple(_real_fun, jnp.asarray(X))
-    assert tree_allclose(out, ref_out, rtol=rtol, atol=atol)
-    assert tree_allclose(jac, ref_jac, rtol=rtol, atol=atol)
-    assert tree_allclose(lap, ref_lap, rtol=rtol, atol=atol)
+    assert_matches_reference(
+        (out, jac, lap), _real_fun, jnp.asarray(X), rtol=rtol, atol=atol
+    )
 
 
 def test_float32_eager() -> None:
@@ -141,10 +145,7 @@ def test_integer_argument(tangent: str) -> None:
             _with_int, (x, k), (identity_jacobian(x), jk), (None, lk)
         )
     )(x, k, jac_k, lap_k)
-    ref_out, ref_jac, ref_lap = reference_triple(lambda x: _with_int(x, k), x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), lambda x: _with_int(x, k), x)
 
 
 def test_integer_output_has_float0_tangents() -> None:

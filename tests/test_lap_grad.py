@@ -15,7 +15,11 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 PARAMS = {
@@ -191,7 +195,4 @@ def test_derivatives_inside_fun(fun: Callable[[jax.Array], Any]) -> None:
     out, jac, lap = jax.jit(
         lambda x: fwdlap.lap(fun, (x,), (identity_jacobian(x),), (None,))
     )(x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 import fwdlap
-from helpers import identity_jacobian, jaxpr_shapes, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    jaxpr_shapes,
+    reference_triple,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 W = np.array([[0.6, -0.4, 0.3], [0.2, 0.5, -0.7], [-0.3, 0.1, 0.8], [0.4, 0.4, 0.1]])
@@ -34,20 +40,14 @@ def _lap(fun: Any, x: jax.Array) -> tuple[Any, Any, Any]:
 def test_jit_around_lap(fun: Any) -> None:
     x = jnp.asarray(X)
     out, jac, lap = jax.jit(lambda x: _lap(fun, x))(x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 @pytest.mark.parametrize("fun", [_f, _g], ids=["scalar", "pytree"])
 def test_eager_lap(fun: Any) -> None:
     x = jnp.asarray(X)
     out, jac, lap = _lap(fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 @pytest.mark.parametrize("fun", [_f, _g], ids=["scalar", "pytree"])
@@ -55,19 +55,13 @@ def test_jit_around_fun(fun: Any) -> None:
     # The whole function is one jit primitive inside lap's trace.
     x = jnp.asarray(X)
     out, jac, lap = _lap(jax.jit(fun), x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 def test_jit_around_both() -> None:
     x = jnp.asarray(X)
     out, jac, lap = jax.jit(lambda x: _lap(jax.jit(_f), x))(x)
-    ref_out, ref_jac, ref_lap = reference_triple(_f, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _f, x)
 
 
 def test_jit_lap_as_static_function() -> None:
@@ -120,10 +114,7 @@ def test_symbolic_zeros_as_jit_arguments(kind: str) -> None:
 
     out, jac, lap = run(x, y, jac_y, lap_y)
     fx = lambda x: _two(x, y)
-    ref_out, ref_jac, ref_lap = reference_triple(fx, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fx, x)
     # Only x's jacobian is an input of the compiled program: no (3, 5) zeros for y.
     jaxpr = jax.make_jaxpr(run)(x, y, jac_y, lap_y)
     assert [tuple(v.aval.shape) for v in jaxpr.jaxpr.invars] == [(3,), (5,)]

@@ -12,7 +12,12 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    reference_triple,
+    tree_allclose,
+)
 
 N = 7  # coordinates; 7 = 2 * 3 + 1 does not divide into blocks of 3
 X = np.linspace(-0.9, 1.2, N)
@@ -40,10 +45,7 @@ def test_lap_partial_matches_reference(fun: Any) -> None:
         return out, jac, lap
 
     out, jac, lap = run(x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
 
 
 def test_lap_partial_eager_and_input_laplacian() -> None:
@@ -65,10 +67,7 @@ def test_lap_pe_through_jit() -> None:
     out, lap_pe = fwdlap.lap_partial(_f, (x,), (eye,), (None,))
     assert isinstance(lap_pe, jax.tree_util.Partial)
     jac, lap = jax.jit(lambda pe, j: pe((j,), (None,)))(lap_pe, eye)
-    ref_out, ref_jac, ref_lap = reference_triple(_f, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _f, x)
 
 
 def test_lap_pe_with_other_directions() -> None:
@@ -122,10 +121,7 @@ def test_lap_partial_multiple_arguments() -> None:
     eye = identity_jacobian(x)
     out, lap_pe = fwdlap.lap_partial(fun, (x, y), (eye, None), (None, None))
     jac, lap = jax.jit(lambda pe: pe((eye, None), (None, None)))(lap_pe)
-    ref_out, ref_jac, ref_lap = reference_triple(lambda x: fun(x, y), x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), lambda x: fun(x, y), x)
     # The output independent of x comes back as dense zeros.
     assert jac["b"].shape == (3,) and lap["b"].shape == ()
 
@@ -139,7 +135,4 @@ def test_lap_partial_with_control_flow() -> None:
     eye = identity_jacobian(x)
     out, lap_pe = jax.jit(lambda x: fwdlap.lap_partial(fun, (x,), (eye,), (None,)))(x)
     jac, lap = jax.jit(lambda pe: pe((eye,), (None,)))(lap_pe)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)

@@ -14,6 +14,7 @@ from jax import lax
 
 import fwdlap
 from helpers import (
+    assert_matches_reference,
     identity_jacobian,
     reference_triple,
     reference_values,
@@ -101,10 +102,7 @@ def _per_particle(x: jax.Array) -> jax.Array:
 def test_vmap_inside_fun() -> None:
     x = jnp.asarray(BATCH[:2].ravel())
     out, jac, lap = jax.jit(lambda x: _lap(_per_particle, x))(x)
-    ref_out, ref_jac, ref_lap = reference_triple(_per_particle, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _per_particle, x)
 
 
 def test_vmap_inside_and_outside() -> None:

@@ -17,6 +17,7 @@ from jax import lax
 
 import fwdlap
 from helpers import (
+    assert_matches_reference,
     hessian_trace_weighted,
     identity_jacobian,
     reference_triple,
@@ -318,10 +319,7 @@ def test_matrix_input_and_output() -> None:
     out, jac, lap = _lap_full(_matrix_fun, x)
     assert jac.shape == (x.size, 3, 2)
     assert lap.shape == (3, 2)
-    ref_out, ref_jac, ref_lap = reference_triple(_matrix_fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _matrix_fun, x)
 
 
 def _scalar_fun(x: jax.Array) -> jax.Array:
@@ -388,10 +386,7 @@ def _tree_fun(x: jax.Array) -> dict[str, Any]:
 def test_pytree_outputs() -> None:
     x = jnp.asarray(ANY)
     out, jac, lap = _lap_full(_tree_fun, x)
-    ref_out, ref_jac, ref_lap = reference_triple(_tree_fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _tree_fun, x)
 
 
 def _pair_fun(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -402,10 +397,7 @@ def test_tuple_output_eager() -> None:
     x = jnp.asarray(ANY)
     out, jac, lap = _lap_eager(_pair_fun, x)
     assert isinstance(out, tuple) and isinstance(jac, tuple) and isinstance(lap, tuple)
-    ref_out, ref_jac, ref_lap = reference_triple(_pair_fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), _pair_fun, x)
 
 
 def _dict_fun(p: dict[str, jax.Array]) -> jax.Array:
@@ -419,7 +411,4 @@ def test_pytree_inputs() -> None:
     jacs = jax.vmap(unravel)(identity_jacobian(flat))
     laps = jax.tree_util.tree_map(jnp.zeros_like, params)
     out, jac, lap = _lap(_dict_fun, (params,), (jacs,), (laps,))
-    ref_out, ref_jac, ref_lap = reference_triple(lambda v: _dict_fun(unravel(v)), flat)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), lambda v: _dict_fun(unravel(v)), flat)

@@ -15,7 +15,13 @@ from jax import lax
 
 import fwdlap
 from fwdlap._core import LapTracer
-from helpers import identity_jacobian, jaxpr_shapes, reference_triple, tree_allclose
+from helpers import (
+    assert_matches_reference,
+    identity_jacobian,
+    jaxpr_shapes,
+    reference_triple,
+    tree_allclose,
+)
 
 X = np.array([0.3, -0.7, 1.1])
 Y = np.array([[0.5, -1.5, 2.0, 0.1], [0.2, 0.4, -0.3, 0.9], [1.1, -0.2, 0.6, 0.3],
@@ -92,10 +98,7 @@ def test_no_tracer_for_values_without_tangents() -> None:
     assert not issubclass(seen["y"], LapTracer)
     assert not issubclass(seen["z"], LapTracer)
     fx = lambda x: fun(x, y)
-    ref_out, ref_jac, ref_lap = reference_triple(fx, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fx, x)
 
 
 _OUTPUT_CASES: list[tuple[str, Callable[[jax.Array, jax.Array], Any]]] = [
@@ -133,10 +136,7 @@ def test_mixed_outputs_dense_zeros_in_pytree() -> None:
     out, jac, lap = jax.jit(
         lambda x: fwdlap.lap(fun, (x,), (identity_jacobian(x),), (None,))
     )(x)
-    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), fun, x)
     assert jac["const"].shape == (3, 4)
 
 
@@ -171,7 +171,4 @@ def test_hessian_cross_terms_with_two_seeded_arguments() -> None:
     )(x, y)
     flat = jnp.concatenate([x, y.ravel()])
     ff = lambda v: small(v[:3], v[3:].reshape(y.shape))
-    ref_out, ref_jac, ref_lap = reference_triple(ff, flat)
-    assert tree_allclose(out, ref_out)
-    assert tree_allclose(jac, ref_jac)
-    assert tree_allclose(lap, ref_lap)
+    assert_matches_reference((out, jac, lap), ff, flat)
