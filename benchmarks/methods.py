@@ -133,6 +133,23 @@ def fwdlap_sparse(f: ScalarFn) -> ScalarFn:
     return fwdlap.laplacian(f, sparsity=True)
 
 
+SPARSE_CHUNK_SIZE = 24
+"""Directions per sparse pass for ``fwdlap_sparse_chunked`` (8 electrons)."""
+
+
+def fwdlap_sparse_chunked(f: ScalarFn) -> ScalarFn:
+    """The block-sparse mode, one sparse pass per block of ``SPARSE_CHUNK_SIZE``.
+
+    ``fwdlap.laplacian(f, sparsity=True, chunk_size=24)``: where attention makes the
+    later layers dense, each pass carries a dense jacobian of 24 directions only,
+    which the CPU caches hold.
+    """
+    fwdlap = _import_fwdlap()
+    if not hasattr(fwdlap, "Sparsity"):
+        raise Unavailable("fwdlap has no sparse mode (fwdlap.Sparsity)")
+    return fwdlap.laplacian(f, sparsity=True, chunk_size=SPARSE_CHUNK_SIZE)
+
+
 METHODS: dict[str, Callable[[ScalarFn], ScalarFn]] = {
     "hessian": hessian,
     "ferminet_loop": ferminet_loop,
@@ -142,6 +159,7 @@ METHODS: dict[str, Callable[[ScalarFn], ScalarFn]] = {
     "fwdlap": fwdlap_dense,
     "fwdlap_chunked": fwdlap_chunked,
     "fwdlap_sparse": fwdlap_sparse,
+    "fwdlap_sparse_chunked": fwdlap_sparse_chunked,
 }
 """Method name -> ``make_laplacian`` factory, in table order."""
 

@@ -911,20 +911,145 @@ def test_block_size_must_divide_the_directions() -> None:
 
 
 def test_sparsity_excludes_other_options() -> None:
-    with pytest.raises(ValueError, match="chunk_size"):
-        fwdlap.laplacian(_sq, sparsity=True, chunk_size=2)
     with pytest.raises(ValueError, match="probes"):
         fwdlap.laplacian(_sq, sparsity=True, probes=4, key=jax.random.key(0))
     with pytest.raises(ValueError, match="weights"):
         fwdlap.laplacian(_sq, sparsity=True, weights=jnp.ones(X.size))
-    with pytest.raises(ValueError, match="chunk_size"):
-        fwdlap.value_grad_and_laplacian(_sq, sparsity=True, chunk_size=2)
     # False is the dense mode and combines with anything.
     lap = fwdlap.laplacian(_sq, sparsity=False, chunk_size=5)(jnp.asarray(X))
     np.testing.assert_allclose(lap, 2.0 * X.size)
 
 
-# --- 7. float32 ----------------------------------------------------------------------
+# --- 7. sparse and chunked -----------------------------------------------------------
+
+
+def count_passes(fun: Fun, x: jax.Array, **kwargs: Any) -> int:
+    """How many sparse passes `laplacian` makes: each densifies `per_particle_while`."""
+
+    def summed(y: jax.Array) -> jax.Array:
+        return jnp.sum(per_particle_while(y)) + fun(y)
+
+    with fwdlap.record_densifications() as events:
+        jax.eval_shape(fwdlap.laplacian(summed, **kwargs), x)
+    return sum(e.primitive == "while" for e in events)
+
+
+ROUNDING = [(1, N), (3, N), (4, N), (6, 2), (7, 2), (11, 2), (12, 1), (99, 1)]
+
+
+@pytest.mark.parametrize(("chunk_size", "passes"), ROUNDING)
+def test_chunk_size_rounds_to_whole_particles(chunk_size: int, passes: int) -> None:
+    # 12 coordinates in blocks of 3: a pass holds chunk_size // 3 particles (at least
+    # one), so every particle's coordinates stay in one pass.
+    x = jnp.asarray(X)
+    got = count_passes(_sq, x, sparsity=True, chunk_size=chunk_size)
+    assert got == passes
+
+
+def test_chunk_size_with_block_size_one() -> None:
+    # Blocks of 1: 12 coordinates make passes of 5, 5 and 2 directions; 10 make
+    # passes of 4, 4 and 2 in the check against the reference.
+    assert count_passes(_sq, jnp.asarray(X), sparsity=wide(1), chunk_size=5) == 3
+    x = jnp.asarray(X[:10])
+    settings = fwdlap.Sparsity(block_size=1)
+    f = pair_energy_flat10
+
+    def run(y: jax.Array) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(f, sparsity=settings, chunk_size=4)
+        return vgl(y), hessian_reference(f, y)
+
+    got, ref = jax.jit(run)(x)
+    assert_triple_close(got, ref)
+
+
+def pair_energy_flat10(x: jax.Array) -> jax.Array:
+    """A function of 10 coordinates (no particle structure) mixing neighbours."""
+    return jnp.sum(jnp.sin(x[1:] * x[:-1])) + jnp.sum(jnp.tanh(x) ** 3)
+
+
+def attention_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.tanh(attention(x)))
+
+
+CHUNK_FUNS = [particle_mlp_sum, pair_energy, slater_slogdet, attention_sum]
+
+
+@pytest.mark.parametrize("fun", CHUNK_FUNS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("chunk_size", [3, 6, 9])
+def test_sparse_chunked_particle_functions(fun: Fun, chunk_size: int) -> None:
+    x = jnp.asarray(X)
+
+    def run(y: jax.Array) -> Any:
+        lap = fwdlap.laplacian(fun, sparsity=True, chunk_size=chunk_size)(y)
+        vgl = fwdlap.value_grad_and_laplacian(
+            fun, sparsity=True, chunk_size=chunk_size
+        )(y)
+        return lap, vgl, hessian_reference(fun, y)
+
+    lap, vgl, ref = jax.jit(run)(x)
+    np.testing.assert_allclose(lap, ref[2], rtol=1e-9, atol=1e-12)
+    assert_triple_close(vgl, ref)
+
+
+@pytest.mark.parametrize(("name", "n"), MODELS, ids=[m for m, _ in MODELS])
+def test_sparse_chunked_benchmark_models(name: str, n: int) -> None:
+    model = build(name, n, seed=0, dtype=jnp.float64)
+    xs = jnp.asarray(np.random.default_rng(n + 1).normal(size=(2, model.dim)))
+
+    def run(xs: jax.Array) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(model.fn, sparsity=True, chunk_size=6)
+        ref = functools.partial(hessian_reference, model.fn)
+        return jax.vmap(vgl)(xs), jax.vmap(ref)(xs)
+
+    got, ref = jax.jit(run)(xs)
+    assert_triple_close(got, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_grad_of_sparse_chunked_laplacian_wrt_params() -> None:
+    x = jnp.asarray(X)
+
+    def chunked_loss(p: dict[str, jax.Array]) -> jax.Array:
+        lap = fwdlap.laplacian(param_model, argnums=1, sparsity=True, chunk_size=6)
+        return lap(p, x)
+
+    def reference_loss(p: dict[str, jax.Array]) -> jax.Array:
+        return jnp.trace(jax.hessian(lambda y: param_model(p, y))(x))
+
+    def run(p: dict[str, jax.Array]) -> Any:
+        return jax.grad(chunked_loss)(p), jax.grad(reference_loss)(p)
+
+    params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+    got, ref = jax.jit(run)(params)
+    assert tree_allclose(got, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_sparse_chunks_across_pytree_leaves() -> None:
+    # Passes of 9 coordinates: the first covers all of `up` (6) and 3 of `down`.
+    x = jnp.asarray(X)
+    tree = {"up": x[:6], "down": x[6:]}
+
+    def f(t: dict[str, jax.Array]) -> jax.Array:
+        return pair_energy(jnp.concatenate([t["up"], t["down"]]))
+
+    def run(t: dict[str, jax.Array]) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(f, sparsity=True, chunk_size=9)
+        return vgl(t), hessian_reference(pair_energy, x)
+
+    (value, grad, lap), ref = jax.jit(run)(tree)
+    np.testing.assert_allclose(value, ref[0], rtol=1e-12)
+    np.testing.assert_allclose(lap, ref[2], rtol=1e-9)
+    flat_grad = jnp.concatenate([grad["up"], grad["down"]])
+    np.testing.assert_allclose(flat_grad, ref[1], rtol=1e-9)
+
+
+def test_sparse_chunked_array_output() -> None:
+    x = jnp.asarray(X)
+    got = jax.jit(fwdlap.laplacian(pair_stream_sum_j, sparsity=True, chunk_size=6))(x)
+    ref = reference_triple(pair_stream_sum_j, x)[2]
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+# --- 8. float32 ----------------------------------------------------------------------
 
 F32_MODELS = [("particle_mlp", 4), ("ferminet", 4)]
 

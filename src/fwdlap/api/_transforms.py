@@ -21,7 +21,7 @@ from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
-from ._sparsity import Sparsity, to_spec
+from ._sparsity import OnDensify, Sparsity, to_spec
 
 _LAPLACIAN = "fwdlap.laplacian"
 _VGL = "fwdlap.value_grad_and_laplacian"
@@ -319,12 +319,7 @@ def _evaluate(
     zero_laps = _zero_laplacians(arg)
 
     if sparsity is not None:  # identity seeds only (checked by the callers)
-        eye = np.eye(dim, dtype=np.dtype(dtype))
-        jac = _split_rows(eye, arg)
-        out, jac_out, lap_out = _lap_fn(
-            f_x, (arg.tree,), (jac,), (zero_laps,), sparsity=sparsity
-        )
-        return out, lap_out, jac_out if want_jacobian else None
+        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity)
 
     if len(groups) == 1 and groups[0].num == size:
         g = groups[0]
@@ -372,6 +367,60 @@ def _evaluate(
         total = lap_g if total is None else _add(total, lap_g)
         jacobian = rows
     return out, total, jacobian
+
+
+def _sparse_chunks(
+    dim: int, chunk_size: int | None, sparsity: Any
+) -> tuple[list[tuple[int, int]], Any]:
+    """Row ranges of the identity for the sparse passes, and the sparsity of each.
+
+    A block of directions must hold whole particle blocks, so that every pass sees
+    each particle's coordinates together: `chunk_size` is rounded down to a multiple
+    of the block size (at least one block). Each pass gets that block size explicitly,
+    as its own row count need not be a multiple of 3.
+    """
+    if chunk_size is None or chunk_size >= dim:
+        return [(0, dim)], sparsity
+    spec = to_spec(_LAPLACIAN, sparsity)
+    assert spec is not None
+    block = spec.resolve(dim).block_size
+    rows = max(block, chunk_size // block * block)
+    per_pass = Sparsity(block, spec.threshold, cast(OnDensify, spec.on_densify))
+    return [(s, min(s + rows, dim)) for s in range(0, dim, rows)], per_pass
+
+
+def _evaluate_sparse(
+    f_x: Callable[[Any], Any],
+    arg: _Argument,
+    chunk_size: int | None,
+    want_jacobian: bool,
+    sparsity: Any,
+) -> tuple[Any, Any, Any]:
+    """`_evaluate` for the unit vectors in the block-sparse mode.
+
+    The sparse layout is fixed while tracing from the identity's zero pattern, so the
+    blocks of directions cannot share one loop body (each block's pattern differs):
+    they are separate passes, unrolled, each repeating the primal computation.
+    """
+    eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
+    zero_laps = _zero_laplacians(arg)
+    ranges, per_pass = _sparse_chunks(arg.dim, chunk_size, sparsity)
+    out: Any = None
+    total: Any = None
+    pieces: list[Any] = []
+    for start, stop in ranges:
+        jac = _split_rows(eye[start:stop], arg)
+        out, jac_out, lap_out = _lap_fn(
+            f_x, (arg.tree,), (jac,), (zero_laps,), sparsity=per_pass
+        )
+        total = lap_out if total is None else _add(total, lap_out)
+        pieces.append(jac_out)
+    if not want_jacobian:
+        return out, total, None
+    if len(pieces) == 1:
+        return out, total, pieces[0]
+    rows = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *pieces)
+    return out, total, rows
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -444,7 +493,8 @@ def laplacian(
         `True`, an int threshold or a [`fwdlap.Sparsity`][]. It pays off when the
         function's early layers act on one particle (block of coordinates) at a time,
         as in FermiNet- or Psiformer-shaped wavefunctions. It cannot be combined with
-        `weights`, `chunk_size` or `probes`.
+        `weights` or `probes`. With `chunk_size` as well, each block of directions
+        is its own sparse pass (see [`fwdlap.Sparsity`][]).
     - `key`: a `jax.random` key for the probes.
     - `probe_distribution`: `"rademacher"` (entries $\pm 1$, the default) or
         `"gaussian"` (standard normal entries).
@@ -507,7 +557,6 @@ def laplacian(
         _LAPLACIAN,
         sparsity,
         weights=weights is not None,
-        chunk_size=chunk is not None,
         probes=num_probes is not None,
     )
     if num_probes is not None and key is None:
@@ -570,7 +619,8 @@ def value_grad_and_laplacian(
         many inside a loop, so that memory no longer grows with the number of
         coordinates.
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
-        [`fwdlap.Sparsity`][] for the block-sparse mode (not with `chunk_size`).
+        [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
+        `chunk_size`.
 
     **Returns:**
 
@@ -593,7 +643,7 @@ def value_grad_and_laplacian(
     """
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
     chunk = _check_positive_int(_VGL, "chunk_size", chunk_size)
-    sparse = _check_sparsity(_VGL, sparsity, chunk_size=chunk is not None)
+    sparse = _check_sparsity(_VGL, sparsity)
 
     @functools.wraps(fun)
     def vgl_fun(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
@@ -637,8 +687,8 @@ def _check_sparsity(api: str, sparsity: Any, **others: bool) -> Any:
     if clashes:
         raise ValueError(
             f"{api}: `sparsity` cannot be combined with `{clashes[0]}`: the sparse "
-            "mode pushes the identity through the function in one pass. Drop one of "
-            "the two."
+            "mode pushes the unit vectors (the identity) through the function, and "
+            "reads their zero pattern while tracing. Drop one of the two."
         )
     return sparsity
 
