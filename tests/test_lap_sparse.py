@@ -239,6 +239,18 @@ def where_select(x: jax.Array) -> jax.Array:
     return lax.select(h < 0.3, a, jnp.exp(h)) + jnp.where(h > 0.1, 1.0, h)
 
 
+SEGMENTS = np.array([0, 1, 0, 1])  # two particles per group
+TARGETS = np.array([2, 0, 2, 9])  # rows 2 twice, 9 out of bounds (dropped)
+
+
+def scatter_add_collisions(x: jax.Array) -> jax.Array:
+    # Several particles summed into one element: the element keeps their union.
+    h = embed(particles(x))
+    groups = jax.ops.segment_sum(h, SEGMENTS, num_segments=2)
+    rows = jnp.zeros((3, WIDTH)).at[TARGETS].add(h**2, mode="drop")
+    return jnp.tanh(groups[SEGMENTS] * h) + rows[SEGMENTS[::-1] + 1] ** 2
+
+
 def cumsum_particles(x: jax.Array) -> jax.Array:
     h = embed(particles(x))
     return jnp.cumsum(h, axis=0) * jnp.cumsum(h, axis=1)
@@ -330,6 +342,7 @@ PARTICLE_CASES = [
         transposes,
         dynamic_slice_concrete,
         dynamic_slice_traced,
+        scatter_add_collisions,
         where_select,
         cumsum_particles,
         sort_features,
@@ -839,6 +852,25 @@ def test_only_the_final_reductions_densify(fun: Fun) -> None:
     assert all(e.cause == "threshold" for e in events), events_summary(events)
     assert all(len(e.shape) <= 1 for e in events), [e.shape for e in events]
     assert_triple_close(got, reference_triple(fun, x))
+
+
+def test_scatter_add_with_collisions_keeps_the_union() -> None:
+    # Two particles per group fit the default threshold (half of 4 particles); with a
+    # one-particle threshold the sums over groups densify, reported as such.
+    x = jnp.asarray(X)
+    ref = reference_triple(scatter_add_collisions, x)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(lap_of, scatter_add_collisions, sparsity=True))(
+            x
+        )
+    assert events == [], events_summary(events)
+    assert_triple_close(got, ref)
+    tight = functools.partial(lap_of, scatter_add_collisions, sparsity=3)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(tight)(x)
+    assert ("scatter-add", "threshold") in events_summary(events)
+    assert all(e.cause == "threshold" for e in events), events_summary(events)
+    assert_triple_close(got, ref)
 
 
 @pytest.mark.parametrize("fun", [slater_slogdet, slater_det], ids=lambda f: f.__name__)

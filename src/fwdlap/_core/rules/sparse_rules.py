@@ -419,10 +419,6 @@ def _copy_rule(positions: tuple[int, ...], make_fn, needs_values: bool = True):
         fn = make_fn(params, values)
         if isinstance(fn, Fallback):
             return fn
-        if hasattr(fn, "check"):
-            problem = fn.check(*[idxs[i] for i in positions])
-            if problem is not None:
-                return problem
         idx = _eager_idx(fn, *[idxs[i] for i in positions])
         rows = k * ctx.block_size
         out, jac_out, lap_out = dense_rule(primitive)(
@@ -454,7 +450,7 @@ def _dynamic_update_slice_fn(params, values):
 
 
 class _ScatterAdd:
-    """`scatter_add` on block indices; valid while no element receives two sources."""
+    """`scatter_add` with the call's indices, applied to other operands (block ids)."""
 
     def __init__(self, params, values):
         (self.indices,) = values
@@ -472,20 +468,109 @@ class _ScatterAdd:
             mode=p["mode"],
         )
 
-    def check(self, operand_idx, update_idx):
-        """A Fallback if some output element sums tangents from two sources."""
+    def collides(self, operand_idx, update_idx) -> bool:
+        """Whether some output element sums tangents from two sources."""
         has = lambda idx: (idx >= 0).any(axis=0).astype(np.int32)  # noqa: E731
         with jax.ensure_compile_time_eval():
             counts = np.asarray(
                 self(jnp.asarray(has(operand_idx)), jnp.asarray(has(update_idx)))
             )
-        if counts.max(initial=0) > 1:
-            return Fallback(
-                "rule",
-                "scatter_add sums tangent-carrying elements from several sources "
-                "into one element",
+        return bool(counts.max(initial=0) > 1)
+
+    def targets(self, operand_shape, update_shape) -> np.ndarray | None:
+        """The flat output position of every update element (-1: dropped).
+
+        The transpose of scatter_add in the updates is a gather, so pulling the
+        output positions back through it reads off each update's target. None when
+        the positions are not exact in float32.
+        """
+        size = int(np.prod(operand_shape, dtype=np.int64))
+        if size >= 2**24:
+            return None
+        zeros = jnp.zeros(operand_shape, jnp.float32)
+        with jax.ensure_compile_time_eval():
+            _, pull = jax.vjp(
+                lambda u: self(zeros, u), jnp.zeros(update_shape, jnp.float32)
             )
+            positions = jnp.arange(1, size + 1, dtype=jnp.float32)
+            (got,) = pull(positions.reshape(operand_shape))
+        return np.rint(np.asarray(got)).astype(np.int64) - 1
+
+
+def scatter_add_rule(ctx, primitive, primals, jacs, laps, params):
+    """Copy the slot ids where sources do not collide, else take their union.
+
+    Where one output element sums several tangent-carrying sources, its slots are the
+    union of their blocks; every source is aligned to the slots of the element it
+    lands in, and the dense rule then adds the aligned data.
+    """
+    if not is_zero(jacs[1]):
+        return Fallback("rule", f"{primitive} with a tangent on an index operand")
+    indices = _jax.concrete_value(primals[1])
+    if indices is None:
+        return Fallback(
+            "rule", f"{primitive} with indices only known at run time (traced)"
+        )
+    fn = _ScatterAdd(params, [indices])
+    k, datas, idxs = _common_slots(jacs, primals, (0, 2))
+    if not fn.collides(idxs[0], idxs[2]):
+        return _copy_rule((0, 2), _ScatterAdd)(
+            ctx, primitive, primals, jacs, laps, params
+        )
+    operand_shape, update_shape = jnp.shape(primals[0]), jnp.shape(primals[2])
+    target = fn.targets(operand_shape, update_shape)
+    if target is None:
+        return Fallback("rule", f"{primitive} into more than 2**24 elements")
+    out_idx = _scatter_union(ctx, idxs[0], idxs[2], target)
+    if out_idx is None:
+        return _too_many(ctx, f"{primitive} summing several particles' values")
+    size = out_idx[0].size
+    flat_out = out_idx.reshape(out_idx.shape[0], size)
+    # Each update's slots are those of the element it lands in (none if dropped).
+    landed = np.where(target >= 0, target, 0).reshape(-1)
+    update_target = flat_out[:, landed].reshape(out_idx.shape[0], *update_shape)
+    update_target = np.where(target[None] >= 0, update_target, -1)
+    aligned = {
+        i: sparse.align(jacs[i], goal)
+        for i, goal in ((0, out_idx), (2, update_target))
+        if is_sparse(jacs[i])
+    }
+    rows = out_idx.shape[0] * ctx.block_size
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, aligned, rows), laps, **params
+    )
+    return out, wrap(jac_out, out_idx, ctx.block_size), lap_out
+
+
+def _scatter_union(
+    ctx: SparseContext,
+    operand_idx: np.ndarray,
+    update_idx: np.ndarray,
+    target: np.ndarray,
+) -> np.ndarray | None:
+    """Per output element, the union of the blocks of every source that lands there."""
+    k = operand_idx.shape[0]
+    shape = operand_idx.shape[1:]
+    size = int(np.prod(shape, dtype=np.int64))
+    member = np.zeros((size, ctx.num_blocks), bool)
+    flat_op = operand_idx.reshape(k, size)
+    flat_up = update_idx.reshape(k, -1)
+    flat_target = target.reshape(-1)
+    for t in range(k):
+        ok = flat_op[t] >= 0
+        member[np.nonzero(ok)[0], flat_op[t][ok]] = True
+        ok = (flat_up[t] >= 0) & (flat_target >= 0)
+        member[flat_target[ok], flat_up[t][ok]] = True
+    counts = member.sum(axis=1)
+    width = int(counts.max(initial=0))
+    if width > ctx.max_blocks:
         return None
+    width = max(width, 1)
+    # A stable sort puts each element's blocks first, in increasing order.
+    blocks = np.argsort(~member, axis=1, kind="stable")[:, :width]
+    used = np.arange(width)[None] < counts[:, None]
+    out = np.where(used, blocks, -1).astype(np.int32).T
+    return out.reshape(width, *shape)
 
 
 def _scatter_fn(params, values):
@@ -707,7 +792,7 @@ def _register() -> None:
     table["dynamic_slice"] = dynamic_slice_rule
     table["dynamic_update_slice"] = _copy_rule((0, 1), _dynamic_update_slice_fn)
     table["scatter"] = _copy_rule((0, 2), _scatter_fn)
-    table["scatter_add"] = _copy_rule((0, 2), _ScatterAdd)
+    table["scatter_add"] = scatter_add_rule
     table["dot_general"] = dot_general_rule
     for name, rule in table.items():
         prim = lookup(name)
