@@ -673,10 +673,6 @@ def per_particle_cond(x: jax.Array) -> jax.Array:
 RULE_CASES = [
     (per_particle_custom_jvp, "soft_norm", False),
     (per_particle_custom_jvp, "soft_norm", True),
-    (per_particle_while, "while", False),
-    (per_particle_while, "while", True),
-    (per_particle_scan, "scan", False),
-    (per_particle_scan, "scan", True),
     (per_particle_cond, "cond", True),
 ]
 
@@ -745,18 +741,21 @@ def test_nested_recorders_both_collect() -> None:
     with fwdlap.record_densifications() as outer:
         with fwdlap.record_densifications() as inner:
             lap_of(particle_mlp_sum, x, True)
-        lap_of(per_particle_while, x, True)
+        lap_of(per_particle_custom_jvp, x, True)
     assert events_summary(inner) == [("reduce_sum", "threshold")]
-    assert events_summary(outer) == [("reduce_sum", "threshold"), ("while", "rule")]
+    assert events_summary(outer) == [
+        ("reduce_sum", "threshold"),
+        ("soft_norm", "rule"),
+    ]
 
 
 def test_on_densify_warn_for_rule_events() -> None:
     x = jnp.asarray(X)
     sparsity = fwdlap.Sparsity(on_densify="warn")
-    with pytest.warns(fwdlap.DensificationWarning, match="while") as record:
-        got = lap_of(per_particle_while, x, sparsity)
+    with pytest.warns(fwdlap.DensificationWarning, match="soft_norm") as record:
+        got = lap_of(per_particle_custom_jvp, x, sparsity)
     assert len(record) == 1
-    assert_triple_close(got, reference_triple(per_particle_while, x))
+    assert_triple_close(got, reference_triple(per_particle_custom_jvp, x))
 
 
 def test_on_densify_warn_not_for_threshold_events() -> None:
@@ -786,23 +785,158 @@ def test_on_densify_ignore_is_silent_and_correct() -> None:
     sparsity = fwdlap.Sparsity(on_densify="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = lap_of(per_particle_scan, x, sparsity)
-    assert_triple_close(got, reference_triple(per_particle_scan, x))
+        got = lap_of(per_particle_custom_jvp, x, sparsity)
+    assert_triple_close(got, reference_triple(per_particle_custom_jvp, x))
 
 
 def test_densifications_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="fwdlap.sparse")
     x = jnp.asarray(X)
     lap_of(particle_mlp_sum, x, True)
-    lap_of(per_particle_while, x, True)
+    lap_of(per_particle_custom_jvp, x, True)
     records = [r for r in caplog.records if r.name == "fwdlap.sparse"]
     assert [r.levelno for r in records] == [logging.DEBUG, logging.DEBUG]
     first, second = (r.getMessage() for r in records)
     assert "reduce_sum" in first and "threshold" in first
-    assert "while" in second and "rule" in second and THIS_FILE in second
+    assert "soft_norm" in second and "rule" in second and THIS_FILE in second
 
 
 # --- 5. sparsity is kept -------------------------------------------------------------
+
+
+# Loops: every carry keeps one block layout for all iterations.
+
+
+def layers_fori(x: jax.Array) -> jax.Array:
+    # A per-particle residual layer applied three times: fori_loop lowers to scan.
+    return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ W2) + h, embed(particles(x)))
+
+
+def scan_with_outputs(x: jax.Array) -> jax.Array:
+    def body(c: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.tanh(c * w), c**2  # the stacked outputs are per-particle too
+
+    h, ys = lax.scan(body, embed(particles(x)), jnp.asarray([0.5, 1.5]))
+    return h + jnp.sum(jnp.sin(ys), axis=0)
+
+
+def carry_gains_tangent(x: jax.Array) -> jax.Array:
+    # The carry starts as a constant and takes each particle's tangent in the loop.
+    h = embed(particles(x))
+    return lax.fori_loop(0, 2, lambda i, c: 0.5 * c + jnp.sin(h), jnp.zeros(h.shape))
+
+
+def neighbour_loop(x: jax.Array) -> jax.Array:
+    # Each iteration mixes a particle with its neighbour: the layout grows every round.
+    h = embed(particles(x))
+    return lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c + jnp.roll(c, 1, axis=0)), h)
+
+
+def scan_over_particles(x: jax.Array) -> jax.Array:
+    # Scanning over the particles: every slice is a different particle, and the carry
+    # sums them all.
+    h = embed(particles(x))
+
+    def body(acc: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return acc + jnp.sin(hi), hi * acc
+
+    acc, ys = lax.scan(body, jnp.zeros(WIDTH), h)
+    return jnp.concatenate([acc[None], ys])
+
+
+def loop_carry_shapes(closed: Any) -> list[tuple[int, ...]]:
+    """Shapes of the outputs of every scan and while loop in a jaxpr."""
+    jaxpr = getattr(closed, "jaxpr", closed)
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for param in eqn.params.values():
+            if hasattr(param, "eqns") or hasattr(getattr(param, "jaxpr", None), "eqns"):
+                shapes += loop_carry_shapes(param)
+    return shapes
+
+
+LOOP_CASES = [
+    layers_fori,
+    per_particle_while,
+    per_particle_scan,
+    scan_with_outputs,
+    carry_gains_tangent,
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("fun", LOOP_CASES, ids=lambda f: f.__name__)
+def test_loops_stay_sparse(fun: Fun, jit: bool) -> None:
+    x = jnp.asarray(X)
+    run = functools.partial(lap_of, fun, sparsity=True)
+    with fwdlap.record_densifications() as events:
+        got = (jax.jit(run) if jit else run)(x)
+    assert events == [], events_summary(events)
+    assert_triple_close(got, reference_triple(fun, x))
+    # The carried jacobians hold one particle's 3 directions, not all 3N.
+    carried = loop_carry_shapes(jax.make_jaxpr(run)(x))
+    assert (3, N, WIDTH) in carried
+    assert (3 * N, N, WIDTH) not in carried
+
+
+def test_loop_layout_grows_to_a_fixpoint() -> None:
+    x = jnp.asarray(X)
+    ref = reference_triple(neighbour_loop, x)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(lap_of, neighbour_loop, sparsity=wide()))(x)
+    assert events == [], events_summary(events)
+    assert_triple_close(got, ref)
+    # Past the default threshold (2 of 4 particles) the carry is dense, and says so.
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(lap_of, neighbour_loop, sparsity=True))(x)
+    assert events_summary(events) == [("scan", "threshold")]
+    assert "carry" in events[0].reason
+    assert_triple_close(got, ref)
+
+
+def test_scan_over_particles_densifies_slices_and_carry() -> None:
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(lap_of, scan_over_particles, sparsity=True))(x)
+    assert events_summary(events) == [("scan", "threshold"), ("scan", "threshold")]
+    assert "scanned input" in events[0].reason and "carry" in events[1].reason
+    assert_triple_close(got, reference_triple(scan_over_particles, x))
+
+
+LOOP_PARAMS = {"w1": W1, "b1": B1, "w2": W2, "out": W_OUT}
+
+
+def loop_param_model(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    h = jnp.tanh(particles(x) @ p["w1"] + p["b1"])
+    h = lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["w2"]) + h, h)
+    return jnp.sum(h @ p["out"])
+
+
+def test_sparse_loops_under_vmap_and_grad() -> None:
+    xs = jnp.asarray(BATCH)
+    params = jax.tree_util.tree_map(jnp.asarray, LOOP_PARAMS)
+
+    def sparse_loss(p: dict[str, jax.Array]) -> jax.Array:
+        lap = fwdlap.laplacian(loop_param_model, argnums=1, sparsity=True)
+        return jnp.sum(jax.vmap(functools.partial(lap, p))(xs))
+
+    def reference_loss(p: dict[str, jax.Array]) -> jax.Array:
+        def one(x: jax.Array) -> jax.Array:
+            return jnp.trace(jax.hessian(lambda y: loop_param_model(p, y))(x))
+
+        return jnp.sum(jax.vmap(one)(xs))
+
+    def run(p: dict[str, jax.Array]) -> Any:
+        return jax.value_and_grad(sparse_loss)(p), jax.value_and_grad(reference_loss)(p)
+
+    with fwdlap.record_densifications() as events:
+        got, ref = jax.jit(run)(params)
+    assert all(e.primitive != "scan" for e in events), events_summary(events)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-9)
+    assert tree_allclose(got[1], ref[1], rtol=1e-8, atol=1e-10)
+
 
 N_BIG = 8
 X_BIG = np.random.default_rng(3).normal(size=3 * N_BIG)
@@ -956,14 +1090,14 @@ def test_sparsity_excludes_other_options() -> None:
 
 
 def count_passes(fun: Fun, x: jax.Array, **kwargs: Any) -> int:
-    """How many sparse passes `laplacian` makes: each densifies `per_particle_while`."""
+    """How many sparse passes `laplacian` makes: each densifies `soft_norm` once."""
 
     def summed(y: jax.Array) -> jax.Array:
-        return jnp.sum(per_particle_while(y)) + fun(y)
+        return jnp.sum(per_particle_custom_jvp(y)) + fun(y)
 
     with fwdlap.record_densifications() as events:
         jax.eval_shape(fwdlap.laplacian(summed, **kwargs), x)
-    return sum(e.primitive == "while" for e in events)
+    return sum(e.primitive == "soft_norm" for e in events)
 
 
 ROUNDING = [(1, N), (3, N), (4, N), (6, 2), (7, 2), (11, 2), (12, 1), (99, 1)]

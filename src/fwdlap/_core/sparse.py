@@ -96,6 +96,21 @@ def record_densifications() -> Iterator[list[Densification]]:
         _recorders.reset(token)
 
 
+_muted: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fwdlap_densifications_muted", default=False
+)
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Report no densification inside the block (probe traces of a loop body)."""
+    token = _muted.set(True)
+    try:
+        yield
+    finally:
+        _muted.reset(token)
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseContext:
     """The sparse mode of one `lap` call, resolved against its number of directions."""
@@ -113,6 +128,8 @@ class SparseContext:
         self, primitive: Any, cause: str, reason: str, shape: Any, blocks: int = 0
     ) -> None:
         """Report a densification: record it, log it, and warn or raise if asked."""
+        if _muted.get():
+            return
         event = Densification(
             primitive=str(primitive),
             cause=cause,

@@ -388,6 +388,31 @@ def lap_flat(
     return unzip3(triples)
 
 
+def lap_flat_layouts(
+    fun: Callable[..., Sequence[Any]],
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    ctx: SparseContext,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """`lap_flat` in the sparse mode for jacobians already in their layouts.
+
+    Jacobians may be `SparseJac`, dense or zero, and come back as the rules leave
+    them (nothing is made sparse or dense here): the loop rules trace bodies with it.
+    """
+    with _jax.take_current_trace() as parent:
+        trace = LapTrace(parent, _jax.TraceTag(), ctx.n, ctx)
+        in_tracers = [
+            maybe_lap_tracer(trace, p, j, lp)
+            for p, j, lp in zip(primals, jacobians, laplacians, strict=True)
+        ]
+        with _jax.set_current_trace(trace):
+            outs = fun(*in_tracers)
+        triples = [trace.to_triple(o) for o in outs]
+        del trace, in_tracers
+    return unzip3(triples)
+
+
 # --- inner jaxprs --------------------------------------------------------------------
 
 

@@ -2,5 +2,6 @@
 
 from . import bilinear, control_flow, custom, elementwise, generic, linear
 from . import linalg as linalg
+from . import sparse_loops as sparse_loops
 
 __all__ = ["bilinear", "control_flow", "custom", "elementwise", "generic", "linear"]
