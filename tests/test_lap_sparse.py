@@ -826,6 +826,33 @@ def carry_gains_tangent(x: jax.Array) -> jax.Array:
     return lax.fori_loop(0, 2, lambda i, c: 0.5 * c + jnp.sin(h), jnp.zeros(h.shape))
 
 
+def nested_loops(x: jax.Array) -> jax.Array:
+    def outer(i: Any, h: jax.Array) -> jax.Array:
+        inner = lax.fori_loop(0, 2, lambda j, g: 0.5 * jnp.sin(g @ W2) + g, h)
+        return 0.9 * inner
+
+    return lax.fori_loop(0, 2, outer, embed(particles(x)))
+
+
+def while_on_values(x: jax.Array) -> jax.Array:
+    # The trip count depends on the values (the condition sees primals only).
+    def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return 1.3 * c[0] + 0.1 * jnp.tanh(c[0]), c[1] + 1
+
+    h, k = lax.while_loop(
+        lambda c: jnp.max(jnp.abs(c[0])) < 3.0, body, (embed(particles(x)), 0)
+    )
+    return h * k
+
+
+def reverse_scan(x: jax.Array) -> jax.Array:
+    def body(c: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return c * w + jnp.sin(c), jnp.cos(c)
+
+    h, ys = lax.scan(body, embed(particles(x)), jnp.arange(1.0, 4.0), reverse=True)
+    return h + ys[0] ** 2
+
+
 def neighbour_loop(x: jax.Array) -> jax.Array:
     # Each iteration mixes a particle with its neighbour: the layout grows every round.
     h = embed(particles(x))
@@ -863,6 +890,9 @@ LOOP_CASES = [
     per_particle_scan,
     scan_with_outputs,
     carry_gains_tangent,
+    nested_loops,
+    while_on_values,
+    reverse_scan,
 ]
 
 
