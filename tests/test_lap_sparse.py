@@ -670,10 +670,16 @@ def per_particle_cond(x: jax.Array) -> jax.Array:
     return lax.cond(x[0] > 0, jnp.sin, jnp.cos, embed(particles(x)))
 
 
+def per_particle_traced_gather(x: jax.Array) -> jax.Array:
+    # Under jit the order is traced, so which rows the gather copies is unknown.
+    order = jnp.argsort(lax.stop_gradient(particles(x)[:, 0]))
+    return embed(particles(x))[order]
+
+
 RULE_CASES = [
     (per_particle_custom_jvp, "soft_norm", False),
     (per_particle_custom_jvp, "soft_norm", True),
-    (per_particle_cond, "cond", True),
+    (per_particle_traced_gather, "gather", True),
 ]
 
 
@@ -771,8 +777,9 @@ def test_on_densify_warn_not_for_threshold_events() -> None:
 def test_on_densify_raise() -> None:
     x = jnp.asarray(X)
     sparsity = fwdlap.Sparsity(on_densify="raise")
-    with pytest.raises(fwdlap.DensificationError, match="cond"):
-        jax.jit(functools.partial(lap_of, per_particle_cond, sparsity=sparsity))(x)
+    with pytest.raises(fwdlap.DensificationError, match="gather"):
+        run = functools.partial(lap_of, per_particle_traced_gather, sparsity=sparsity)
+        jax.jit(run)(x)
     with pytest.raises(fwdlap.DensificationError, match="soft_norm"):
         jax.jit(fwdlap.laplacian(per_particle_custom_jvp, sparsity=sparsity))(x)
     # Threshold events do not raise.
@@ -840,7 +847,9 @@ def while_on_values(x: jax.Array) -> jax.Array:
         return 1.3 * c[0] + 0.1 * jnp.tanh(c[0]), c[1] + 1
 
     h, k = lax.while_loop(
-        lambda c: jnp.max(jnp.abs(c[0])) < 3.0, body, (embed(particles(x)), 0)
+        lambda c: jnp.max(jnp.abs(c[0])) < 3.0,
+        body,
+        (embed(particles(x)), jnp.asarray(0)),
     )
     return h * k
 
@@ -871,20 +880,20 @@ def scan_over_particles(x: jax.Array) -> jax.Array:
     return jnp.concatenate([acc[None], ys])
 
 
-def loop_carry_shapes(closed: Any) -> list[tuple[int, ...]]:
-    """Shapes of the outputs of every scan and while loop in a jaxpr."""
+def control_flow_output_shapes(closed: Any) -> list[tuple[int, ...]]:
+    """Shapes of the outputs of every scan, while and cond in a jaxpr."""
     jaxpr = getattr(closed, "jaxpr", closed)
     shapes = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("scan", "while"):
+        if eqn.primitive.name in ("scan", "while", "cond"):
             shapes += [tuple(v.aval.shape) for v in eqn.outvars]
         for param in eqn.params.values():
             if hasattr(param, "eqns") or hasattr(getattr(param, "jaxpr", None), "eqns"):
-                shapes += loop_carry_shapes(param)
+                shapes += control_flow_output_shapes(param)
     return shapes
 
 
-LOOP_CASES = [
+CONTROL_FLOW_CASES = [
     layers_fori,
     per_particle_while,
     per_particle_scan,
@@ -893,12 +902,13 @@ LOOP_CASES = [
     nested_loops,
     while_on_values,
     reverse_scan,
+    per_particle_cond,
 ]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("fun", LOOP_CASES, ids=lambda f: f.__name__)
-def test_loops_stay_sparse(fun: Fun, jit: bool) -> None:
+@pytest.mark.parametrize("fun", CONTROL_FLOW_CASES, ids=lambda f: f.__name__)
+def test_control_flow_stays_sparse(fun: Fun, jit: bool) -> None:
     x = jnp.asarray(X)
     run = functools.partial(lap_of, fun, sparsity=True)
     with fwdlap.record_densifications() as events:
@@ -906,7 +916,7 @@ def test_loops_stay_sparse(fun: Fun, jit: bool) -> None:
     assert events == [], events_summary(events)
     assert_triple_close(got, reference_triple(fun, x))
     # The carried jacobians hold one particle's 3 directions, not all 3N.
-    carried = loop_carry_shapes(jax.make_jaxpr(run)(x))
+    carried = control_flow_output_shapes(jax.make_jaxpr(run)(x))
     assert (3, N, WIDTH) in carried
     assert (3 * N, N, WIDTH) not in carried
 
@@ -923,6 +933,40 @@ def test_loop_layout_grows_to_a_fixpoint() -> None:
         got = jax.jit(functools.partial(lap_of, neighbour_loop, sparsity=True))(x)
     assert events_summary(events) == [("scan", "threshold")]
     assert "carry" in events[0].reason
+    assert_triple_close(got, ref)
+
+
+def neighbours_either_side(x: jax.Array) -> jax.Array:
+    # Each branch pairs a particle with one neighbour, the two branches with different
+    # ones: together the output depends on three particles.
+    h = embed(particles(x))
+    return lax.cond(
+        x[0] > 0,
+        lambda h: h * jnp.roll(h, 1, axis=0),
+        lambda h: h * jnp.roll(h, -1, axis=0),
+        h,
+    )
+
+
+def test_cond_output_takes_the_union_of_the_branches() -> None:
+    x = jnp.asarray(X)
+    ref = reference_triple(neighbours_either_side, x)
+    run = functools.partial(lap_of, neighbours_either_side)
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(run, sparsity=wide()))(x)
+    assert events == [], events_summary(events)
+    assert_triple_close(got, ref)
+    carried = [
+        tuple(v.aval.shape)
+        for eqn in jax.make_jaxpr(functools.partial(run, sparsity=wide()))(x).eqns
+        if eqn.primitive.name == "cond"
+        for v in eqn.outvars
+    ]
+    assert (9, N, WIDTH) in carried  # three particles' blocks of 3
+    # Each branch alone fits two particles; their union does not.
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(functools.partial(run, sparsity=True))(x)
+    assert events_summary(events) == [("cond", "threshold")]
     assert_triple_close(got, ref)
 
 

@@ -45,10 +45,10 @@ class Sparsity:
         that one element's jacobian may depend on and stay sparse. `None` means half
         of all directions, the point past which the sparse layout saves little.
     - `on_densify`: what to do when a jacobian is made dense because no sparse rule
-        applies (a primitive without one, indices only known at run time, a `cond`
-        on a traced predicate, a custom_jvp function, ...): `"ignore"`, `"log"`
-        (the default), `"warn"` (a [`fwdlap.DensificationWarning`][]) or `"raise"`
-        (a [`fwdlap.DensificationError`][]).
+        applies (a primitive without one, indices only known at run time, a
+        custom_jvp function whose rule is not elementwise, ...): `"ignore"`,
+        `"log"` (the default), `"warn"` (a [`fwdlap.DensificationWarning`][]) or
+        `"raise"` (a [`fwdlap.DensificationError`][]).
 
     **Example:**
 

@@ -2,6 +2,6 @@
 
 from . import bilinear, control_flow, custom, elementwise, generic, linear
 from . import linalg as linalg
-from . import sparse_loops as sparse_loops
+from . import sparse_control_flow as sparse_control_flow
 
 __all__ = ["bilinear", "control_flow", "custom", "elementwise", "generic", "linear"]

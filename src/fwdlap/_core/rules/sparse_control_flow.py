@@ -1,13 +1,18 @@
-"""Block-sparse `scan` and `while` loops (which `fori_loop` lowers to).
+"""Block-sparse control flow: `scan` and `while` loops (`fori_loop` lowers to one of
+them), and a `cond` whose branch is only known at run time.
 
-The loop body is traced once more in the sparse mode. Every carry's jacobian gets one
-*layout* for all iterations: zero (`None`), a static block index array `(k, *S)`, or
-`DENSE`. The layouts grow by a fixpoint, as the dense rule grows which carries are
-non-zero: trace the body, take the union of each carry's layout with what the body
-returns for it, and repeat until the body maps the layouts into themselves. A carry
-whose union passes the threshold is dense from then on. Scanned inputs take the union
-of their blocks along the scanned axis, so that every iteration sees one layout, and
-scanned outputs get the layout the body gives them.
+Bodies and branches are traced once more in the sparse mode. Every value crossing them
+gets one *layout*: zero (`None`), a static block index array `(k, *S)`, or `DENSE`.
+
+- cond: every branch is traced with the operands' layouts; each output gets the union
+  of the layouts the branches return for it.
+- loops: a carry keeps one layout for all iterations. The layouts grow by a fixpoint,
+  as the dense rule grows which carries are non-zero: trace the body, take the union
+  of each carry's layout with what the body returns for it, and repeat until the body
+  maps the layouts into themselves. A carry whose union passes the threshold is dense
+  from then on. Scanned inputs take the union of their blocks along the scanned axis,
+  so that every iteration sees one layout; scanned outputs get the layout the body
+  gives them.
 """
 
 import contextlib
@@ -428,5 +433,50 @@ def _cond_on_primals(
     return _jax.ClosedJaxpr(jaxpr, consts)
 
 
+def cond_rule(ctx, primitive, primals, jacs, laps, params):
+    """A `cond` on a traced index: every branch returns the union of their layouts."""
+    if not is_zero(jacs[0]):
+        return Fallback("rule", "a cond whose index carries a tangent")
+    branches = params["branches"]
+    ops, op_jacs, op_laps = list(primals[1:]), list(jacs[1:]), list(laps[1:])
+    in_layouts = [layout_of(j) for j in op_jacs]
+    in_laps = [not is_zero(lp) for lp in op_laps]
+    probes = [trace_body(ctx, br, in_layouts, in_laps) for br in branches]
+    out_layouts: list[Layout] = list(probes[0][0])
+    out_laps: list[bool] = list(probes[0][1])
+    for layouts, flags in probes[1:]:
+        out_layouts = [
+            _join(ctx, a, b) for a, b in zip(out_layouts, layouts, strict=True)
+        ]
+        out_laps = [a or b for a, b in zip(out_laps, flags, strict=True)]
+    for i, (out, lo) in enumerate(zip(branches[0].out_avals, out_layouts, strict=True)):
+        if isinstance(lo, str) and not any(isinstance(p[0][i], str) for p in probes):
+            ctx.densified(
+                primitive,
+                "threshold",
+                f"output {i} of the branches together depends on more than "
+                f"{ctx.max_blocks} blocks per element",
+                out.shape,
+                ctx.num_blocks,
+            )
+    new_branches = tuple(
+        trace_body(ctx, br, in_layouts, in_laps, out_layouts, out_laps)
+        for br in branches
+    )
+    args = [
+        primals[0],
+        *ops,
+        *[
+            to_layout(ctx, j, p, lo)
+            for j, p, lo in zip(op_jacs, ops, in_layouts, strict=True)
+            if lo is not None
+        ],
+        *[lp for lp, nz in zip(op_laps, in_laps, strict=True) if nz],
+    ]
+    outs = _jax.cond_p.bind(*args, **dict(params, branches=new_branches))
+    return _unpack(ctx, outs, len(branches[0].out_avals), out_layouts, out_laps)
+
+
 sparse_rules.sparse_rules[_jax.scan_p] = scan_rule
 sparse_rules.sparse_rules[_jax.while_p] = while_rule
+sparse_rules.sparse_rules[_jax.cond_p] = cond_rule
