@@ -286,7 +286,14 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
     new_body = _reorder_binders(
         new_body, _group_sizes(groups_in), _group_sizes(groups_out)
     )
-    new_cond = _cond_ignoring_tangents(cond_jaxpr, cond_nconsts, k_p, jac_c, lap_c, n)
+    carry_avals = [jax.typeof(c) for c in k_p]
+    tangent_avals = [
+        *[jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c, strict=True) if z],
+        *[a.to_tangent_aval() for a, z in zip(carry_avals, lap_c, strict=True) if z],
+    ]
+    new_cond = _cond_ignoring_tangents(
+        cond_jaxpr, cond_nconsts + num_carry, tangent_avals
+    )
     args = [
         *cc_p,
         *bc_p, *_nz_values(bc_j), *_nz_values(bc_l),
@@ -306,17 +313,12 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
     return k_out, k_jac, k_lap
 
 
-def _cond_ignoring_tangents(cond_jaxpr: Any, nconsts: int, carry, jac_c, lap_c, n: int):
-    """The loop condition, extended with (unused) tangent carries."""
-    avals = list(cond_jaxpr.in_avals)
-    carry_avals = [jax.typeof(c) for c in carry]
-    avals += [
-        jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c, strict=False) if z
-    ]
-    avals += [
-        a.to_tangent_aval() for a, z in zip(carry_avals, lap_c, strict=False) if z
-    ]
-    num_primal = nconsts + len(carry)
+def _cond_ignoring_tangents(
+    cond_jaxpr: Any, num_primal: int, tangent_avals: Sequence[Any]
+) -> Any:
+    """The loop condition, taking (and ignoring) tangent carries of `tangent_avals`
+    after its `num_primal` constants and primal carries."""
+    avals = [*cond_jaxpr.in_avals, *tangent_avals]
     fun = _jax.jaxpr_as_fun(cond_jaxpr)
 
     def cond(*args: Any) -> Any:

@@ -28,7 +28,7 @@ from ..sparse import SparseContext, SparseJac, is_sparse
 from ..trace import lap_flat_layouts
 from ..zeros import instantiate, is_zero, zero_jacobian, zero_laplacian
 from . import sparse_rules
-from .control_flow import _group_sizes, _reorder_binders
+from .control_flow import _cond_ignoring_tangents, _group_sizes, _reorder_binders
 from .sparse_rules import Fallback
 
 DENSE = "dense"
@@ -236,6 +236,25 @@ def _groups(layouts: Sequence[Layout], laps: Sequence[bool]) -> tuple:
     return (len(layouts), [lo is not None for lo in layouts], list(laps))
 
 
+def _tangent_args(
+    ctx: SparseContext,
+    primals: Sequence[Any],
+    jacs: Sequence[Any],
+    laps: Sequence[Any],
+    layouts: Sequence[Layout],
+    lap_flags: Sequence[bool],
+) -> list[Any]:
+    """The jacobian data in `layouts` (non-zero ones), then the flagged laplacians."""
+    data = [
+        to_layout(ctx, j, p, lo)
+        for j, p, lo in zip(jacs, primals, layouts, strict=True)
+        if lo is not None
+    ]
+    return data + [
+        instantiate(lp) for lp, nz in zip(laps, lap_flags, strict=True) if nz
+    ]
+
+
 def scan_rule(ctx, primitive, primals, jacs, laps, params):
     nc, nk = params["num_consts"], params["num_carry"]
     body, length = params["jaxpr"], params["length"]
@@ -275,27 +294,18 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
         full = DENSE if isinstance(lo, str) else _stacked(lo, length)
         return jnp.moveaxis(to_layout(ctx, j, x, full), 0, 1)  # scan axis first
 
+    xs_data = [
+        scanned_data(j, x, lo)
+        for j, x, lo in zip(x_j, x_p, xs[0], strict=True)
+        if lo is not None
+    ]
     args = [
         *c_p,
-        *[
-            to_layout(ctx, j, p, lo)
-            for j, p, lo in zip(c_j, c_p, consts[0], strict=True)
-            if lo is not None
-        ],
-        *[lp for lp, nz in zip(c_l, consts[1], strict=True) if nz],
+        *_tangent_args(ctx, c_p, c_j, c_l, *consts),
         *k_p,
-        *[
-            to_layout(ctx, j, p, lo)
-            for j, p, lo in zip(k_j, k_p, k_lo, strict=True)
-            if lo is not None
-        ],
-        *[instantiate(lp) for lp, nz in zip(k_l, k_lap, strict=True) if nz],
+        *_tangent_args(ctx, k_p, k_j, k_l, k_lo, k_lap),
         *x_p,
-        *[
-            scanned_data(j, x, lo)
-            for j, x, lo in zip(x_j, x_p, xs[0], strict=True)
-            if lo is not None
-        ],
+        *xs_data,
         *[lp for lp, nz in zip(x_l, xs[1], strict=True) if nz],
     ]
     new_params = dict(
@@ -371,23 +381,22 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
         _group_sizes([_groups(*consts), _groups(k_lo, k_lap)]),
         _group_sizes([_groups(k_lo, k_lap)]),
     )
-    new_cond = _cond_on_primals(ctx, cond, ncc, k_p, k_lo, k_lap)
+    carry_avals = [jax.typeof(p) for p in k_p]
+    tangent_avals = [
+        *[
+            _data_aval(ctx, a, lo)
+            for a, lo in zip(carry_avals, k_lo, strict=True)
+            if lo is not None
+        ],
+        *[a.to_tangent_aval() for a, nz in zip(carry_avals, k_lap, strict=True) if nz],
+    ]
+    new_cond = _cond_ignoring_tangents(cond, ncc + len(k_p), tangent_avals)
     args = [
         *cc_p,
         *bc_p,
-        *[
-            to_layout(ctx, j, p, lo)
-            for j, p, lo in zip(bc_j, bc_p, consts[0], strict=True)
-            if lo is not None
-        ],
-        *[lp for lp, nz in zip(bc_l, consts[1], strict=True) if nz],
+        *_tangent_args(ctx, bc_p, bc_j, bc_l, *consts),
         *k_p,
-        *[
-            to_layout(ctx, j, p, lo)
-            for j, p, lo in zip(k_j, k_p, k_lo, strict=True)
-            if lo is not None
-        ],
-        *[instantiate(lp) for lp, nz in zip(k_l, k_lap, strict=True) if nz],
+        *_tangent_args(ctx, k_p, k_j, k_l, k_lo, k_lap),
     ]
     outs = _jax.while_p.bind(
         *args,
@@ -399,38 +408,6 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
         ),
     )
     return _unpack(ctx, outs, len(k_p), k_lo, k_lap)
-
-
-def _cond_on_primals(
-    ctx: SparseContext,
-    cond: Any,
-    nconsts: int,
-    carry: Sequence[Any],
-    layouts: Sequence[Layout],
-    laps: Sequence[bool],
-) -> Any:
-    """The loop condition, taking (and ignoring) the tangent carries too."""
-    carry_avals = [jax.typeof(c) for c in carry]
-    avals = [
-        *cond.in_avals,
-        *[
-            _data_aval(ctx, a, lo)
-            for a, lo in zip(carry_avals, layouts, strict=True)
-            if lo is not None
-        ],
-        *[a.to_tangent_aval() for a, nz in zip(carry_avals, laps, strict=True) if nz],
-    ]
-    num_primal = nconsts + len(carry)
-    fun = _jax.jaxpr_as_fun(cond)
-
-    def cond_fn(*args: Any) -> Any:
-        return fun(*args[:num_primal])
-
-    dbg = cond.jaxpr.debug_info.with_unknown_names()
-    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
-        _jax.wrap_init(cond_fn, debug_info=dbg), avals
-    )
-    return _jax.ClosedJaxpr(jaxpr, consts)
 
 
 def cond_rule(ctx, primitive, primals, jacs, laps, params):
@@ -466,12 +443,7 @@ def cond_rule(ctx, primitive, primals, jacs, laps, params):
     args = [
         primals[0],
         *ops,
-        *[
-            to_layout(ctx, j, p, lo)
-            for j, p, lo in zip(op_jacs, ops, in_layouts, strict=True)
-            if lo is not None
-        ],
-        *[lp for lp, nz in zip(op_laps, in_laps, strict=True) if nz],
+        *_tangent_args(ctx, ops, op_jacs, op_laps, in_layouts, in_laps),
     ]
     outs = _jax.cond_p.bind(*args, **dict(params, branches=new_branches))
     return _unpack(ctx, outs, len(branches[0].out_avals), out_layouts, out_laps)
