@@ -6,7 +6,8 @@ The local kinetic energy of a wavefunction psi at electron positions x is
 
 `fwdlap.lap` gives log|psi|, its gradient (the jacobian for identity seeds) and its
 Laplacian in one forward pass. This script checks the energies of a batch of
-configurations against `jax.hessian` and prints a small timing table.
+configurations against `jax.hessian` in float64, reports the float32 errors of both
+methods, and prints a small timing table.
 
 Run it with `make demo`.
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import fwdlap  # noqa: E402
 
-# float64 is on only for the reference; the timed fwdlap run is float32.
+# float64 is on for the correctness check; the timed runs are float32.
 jax.config.update("jax_enable_x64", True)
 
 N_UP, N_DOWN = 3, 3
@@ -93,6 +94,10 @@ def time_call(fn, *args, repeats: int = 10) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def relative_error(energies: jax.Array, reference: jax.Array) -> float:
+    return float(jnp.max(jnp.abs(energies - reference) / (1 + jnp.abs(reference))))
+
+
 def main() -> None:
     key_params, key_x = jax.random.split(jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(
@@ -100,29 +105,38 @@ def main() -> None:
     )
     batch = jax.random.normal(key_x, (16, 3 * (N_UP + N_DOWN)), dtype=jnp.float32)
     params64 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+    batch64 = batch.astype(jnp.float64)
     energies = jax.jit(jax.vmap(kinetic_energy_fwdlap, in_axes=(None, 0)))
     reference = jax.jit(jax.vmap(kinetic_energy_hessian, in_axes=(None, 0)))
-    e_fwdlap = energies(params, batch)
-    e_ref = reference(params64, batch.astype(jnp.float64))
-    error = float(jnp.max(jnp.abs(e_fwdlap - e_ref) / (1 + jnp.abs(e_ref))))
+    e_ref = reference(params64, batch64)
+    e_fwdlap64 = energies(params64, batch64)
+    error64 = relative_error(e_fwdlap64, e_ref)
 
     print(
         f"Local kinetic energies of {batch.shape[0]} configurations, "
-        f"{N_UP + N_DOWN} electrons"
+        f"{N_UP + N_DOWN} electrons (float64)"
     )
     for i in range(4):
-        print(f"  config {i}: fwdlap {e_fwdlap[i]: .6f}   jax.hessian {e_ref[i]: .6f}")
-    print(f"  max relative difference: {error:.2e}")
-    if not error < 1e-3:
+        got, want = e_fwdlap64[i], e_ref[i]
+        print(f"  config {i}: fwdlap {got: .6f}   jax.hessian {want: .6f}")
+    print(f"  max relative difference: {error64:.2e}")
+    if not error64 < 1e-9:
         raise SystemExit("fwdlap disagrees with jax.hessian")
+
+    # In float32 both methods round: near a node of psi the kinetic energy is the
+    # difference of two terms (the Laplacian and |grad|^2) far larger than itself.
+    error32 = relative_error(energies(params, batch), e_ref)
+    hessian_error32 = relative_error(reference(params, batch), e_ref)
+    print(
+        f"float32 error against float64: fwdlap {error32:.1e}, "
+        f"jax.hessian {hessian_error32:.1e}"
+    )
 
     print("\n| method      | ms per batch of 16 |")
     print("|-------------|--------------------|")
     print(f"| fwdlap      | {time_call(energies, params, batch):18.3f} |")
     print(f"| jax.hessian | {time_call(reference, params, batch):18.3f} |")
-    print(
-        "(both float32, jitted and vmapped; the error is against float64 jax.hessian)"
-    )
+    print("(both float32, jitted and vmapped)")
 
 
 if __name__ == "__main__":
