@@ -398,7 +398,8 @@ def lap_flat_layouts(
     """`lap_flat` in the sparse mode for jacobians already in their layouts.
 
     Jacobians may be `SparseJac`, dense or zero, and come back as the rules leave
-    them (nothing is made sparse or dense here): the loop rules trace bodies with it.
+    them (nothing is made sparse or dense here): the sparse control-flow rules trace
+    loop bodies and cond branches with it.
     """
     with _jax.take_current_trace() as parent:
         trace = LapTrace(parent, _jax.TraceTag(), ctx.n, ctx)

@@ -493,8 +493,9 @@ def laplacian(
         `True`, an int threshold or a [`fwdlap.Sparsity`][]. It pays off when the
         function's early layers act on one particle (block of coordinates) at a time,
         as in FermiNet- or Psiformer-shaped wavefunctions. It cannot be combined with
-        `weights` or `probes`. With `chunk_size` as well, each block of directions
-        is its own sparse pass (see [`fwdlap.Sparsity`][]).
+        `weights` or `probes`. With `chunk_size` as well, the coordinates are split
+        into blocks of whole particles (`chunk_size` rounded down to a multiple of
+        the block size), each its own sparse pass, unrolled rather than looped.
     - `key`: a `jax.random` key for the probes.
     - `probe_distribution`: `"rademacher"` (entries $\pm 1$, the default) or
         `"gaussian"` (standard normal entries).
