@@ -395,36 +395,60 @@ def _eager_idx(fn: Callable[..., Any], *idxs: np.ndarray) -> np.ndarray:
     return (np.stack(slots) - 1).astype(np.int32)
 
 
+def _static_values(
+    primitive: Any, primals, jacs, positions: tuple[int, ...], needs_values: bool = True
+) -> Any:
+    """Values of the operands not at `positions` (indices, starts, padding values).
+
+    They must carry no tangent and, with `needs_values`, be known while tracing;
+    returns a `Fallback` otherwise.
+    """
+    static = [i for i in range(len(primals)) if i not in positions]
+    if any(not is_zero(jacs[i]) for i in static):
+        return Fallback("rule", f"{primitive} with a tangent on an index operand")
+    if not needs_values:
+        return []
+    values = [_jax.concrete_value(primals[i]) for i in static]
+    if any(v is None for v in values):
+        return Fallback(
+            "rule", f"{primitive} with indices only known at run time (traced)"
+        )
+    return values
+
+
+def _copy_slots(ctx, primitive, fn, positions, slots, primals, jacs, laps, params):
+    """Run `fn` on the slot ids of the operands at `positions`, the primitive on data.
+
+    `slots` is `_common_slots(jacs, primals, positions)`.
+    """
+    k, datas, idxs = slots
+    idx = _eager_idx(fn, *[idxs[i] for i in positions])
+    rows = k * ctx.block_size
+    out, jac_out, lap_out = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
+    )
+    return out, wrap(jac_out, idx, ctx.block_size), lap_out
+
+
 def _copy_rule(positions: tuple[int, ...], make_fn, needs_values: bool = True):
     """A rule for a primitive that copies elements of the operands at `positions`.
 
-    The other operands (indices, starts, padding values) must carry no tangent and,
-    with `needs_values`, be known while tracing; `make_fn(params, values)` returns the
-    function that applies the primitive to int32 arrays in place of the copied
+    The other operands must pass `_static_values`; `make_fn(params, values)` returns
+    the function that applies the primitive to int32 arrays in place of the copied
     operands (and may return a `Fallback` instead).
     """
 
     def rule(ctx, primitive, primals, jacs, laps, params):
-        static = [i for i in range(len(primals)) if i not in positions]
-        if any(not is_zero(jacs[i]) for i in static):
-            return Fallback("rule", f"{primitive} with a tangent on an index operand")
-        values = (
-            [_jax.concrete_value(primals[i]) for i in static] if needs_values else []
-        )
-        if any(v is None for v in values):
-            return Fallback(
-                "rule", f"{primitive} with indices only known at run time (traced)"
-            )
-        k, datas, idxs = _common_slots(jacs, primals, positions)
+        values = _static_values(primitive, primals, jacs, positions, needs_values)
+        if isinstance(values, Fallback):
+            return values
         fn = make_fn(params, values)
         if isinstance(fn, Fallback):
             return fn
-        idx = _eager_idx(fn, *[idxs[i] for i in positions])
-        rows = k * ctx.block_size
-        out, jac_out, lap_out = dense_rule(primitive)(
-            primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
+        slots = _common_slots(jacs, primals, positions)
+        return _copy_slots(
+            ctx, primitive, fn, positions, slots, primals, jacs, laps, params
         )
-        return out, wrap(jac_out, idx, ctx.block_size), lap_out
 
     return rule
 
@@ -504,18 +528,15 @@ def scatter_add_rule(ctx, primitive, primals, jacs, laps, params):
     union of their blocks; every source is aligned to the slots of the element it
     lands in, and the dense rule then adds the aligned data.
     """
-    if not is_zero(jacs[1]):
-        return Fallback("rule", f"{primitive} with a tangent on an index operand")
-    indices = _jax.concrete_value(primals[1])
-    if indices is None:
-        return Fallback(
-            "rule", f"{primitive} with indices only known at run time (traced)"
-        )
-    fn = _ScatterAdd(params, [indices])
-    k, datas, idxs = _common_slots(jacs, primals, (0, 2))
+    values = _static_values(primitive, primals, jacs, (0, 2))
+    if isinstance(values, Fallback):
+        return values
+    fn = _ScatterAdd(params, values)
+    slots = _common_slots(jacs, primals, (0, 2))
+    idxs = slots[2]
     if not fn.collides(idxs[0], idxs[2]):
-        return _copy_rule((0, 2), _ScatterAdd)(
-            ctx, primitive, primals, jacs, laps, params
+        return _copy_slots(
+            ctx, primitive, fn, (0, 2), slots, primals, jacs, laps, params
         )
     operand_shape, update_shape = jnp.shape(primals[0]), jnp.shape(primals[2])
     target = fn.targets(operand_shape, update_shape)
