@@ -97,9 +97,20 @@ def _fwdlap_call(fwdlap, f: ScalarFn, x: jax.Array, **kwargs) -> jax.Array:
 
 
 def fwdlap_dense(f: ScalarFn) -> ScalarFn:
-    """This library's forward Laplacian with a dense identity jacobian."""
+    """This library's forward Laplacian with a dense identity jacobian, as called.
+
+    ``fwdlap.lap`` with its defaults: ``chunk_size="auto"`` keeps one pass where the
+    jacobians are small and evaluates blocks of about 16 directions (one primal pass,
+    a loop over the linearisation) where they would outgrow the CPU caches.
+    """
     fwdlap = _import_fwdlap()
     return lambda x: _fwdlap_call(fwdlap, f, x)
+
+
+def fwdlap_single(f: ScalarFn) -> ScalarFn:
+    """``fwdlap.lap`` forced to one pass with all directions (``chunk_size=None``)."""
+    fwdlap = _import_fwdlap()
+    return lambda x: _fwdlap_call(fwdlap, f, x, chunk_size=None)
 
 
 CHUNK_SIZE = 16
@@ -157,6 +168,7 @@ METHODS: dict[str, Callable[[ScalarFn], ScalarFn]] = {
     "folx_dense": _folx(0),
     "folx_sparse": _folx(FOLX_SPARSITY),
     "fwdlap": fwdlap_dense,
+    "fwdlap_single": fwdlap_single,
     "fwdlap_chunked": fwdlap_chunked,
     "fwdlap_sparse": fwdlap_sparse,
     "fwdlap_sparse_chunked": fwdlap_sparse_chunked,

@@ -27,6 +27,7 @@ COLUMNS = (
     "ratio vs ferminet_loop",
     "ratio vs folx_sparse",
     "ratio vs fwdlap",
+    "ratio vs fwdlap_single",
     "compile vs folx_sparse",
 )
 """Columns of the markdown table, in order."""
@@ -64,7 +65,7 @@ def table_row(cell: dict, name: str, record: dict) -> list[str]:
     if record["status"] != "ok":
         reason = record.get("reason", "")
         text = f"{record['status']} ({reason})" if reason else record["status"]
-        return head + ["-", text.replace("|", "/")] + ["-"] * 8
+        return head + ["-", text.replace("|", "/")] + ["-"] * 9
     temp = record.get("temp_bytes")
     err = record.get("max_rel_err")
     href = hessian_error(cell)
@@ -78,6 +79,7 @@ def table_row(cell: dict, name: str, record: dict) -> list[str]:
         fmt(ratio(cell, record, "ferminet_loop"), ".2f"),
         fmt(ratio(cell, record, "folx_sparse"), ".2f"),
         fmt(ratio(cell, record, "fwdlap"), ".2f"),
+        fmt(ratio(cell, record, "fwdlap_single"), ".2f"),
         fmt(ratio(cell, record, "folx_sparse", "compile_s"), ".2f"),
     ]
 
@@ -140,7 +142,9 @@ def markdown_report(results: dict) -> str:
         "err / hessian err divides it by float32 `jax.hessian`'s own error "
         "(batched row, or an unbatched run where the batched one is skipped); "
         "the ratio columns divide run times measured in the same process "
-        "(`fwdlap` is the dense single pass); compile vs folx_sparse divides "
+        '(`fwdlap` is `fwdlap.lap` as called, whose `chunk_size="auto"` may split '
+        "the directions into blocks; `fwdlap_single` is one pass with all of "
+        "them); compile vs folx_sparse divides "
         "compile times.",
         "",
     ]

@@ -62,6 +62,7 @@ trace_to_jaxpr_nounits = pe.trace_to_jaxpr_nounits
 trace_to_jaxpr_dynamic = pe.trace_to_jaxpr_dynamic
 convert_constvars_jaxpr = src_pe.convert_constvars_jaxpr
 wrap_init = lu.wrap_init
+subjaxprs = src_core.subjaxprs  # the jaxprs in an equation's params, one level deep
 UNSPECIFIED_SHARDING = _sharding_impls.UNSPECIFIED
 
 # Higher-order primitives with dedicated rules.

@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 
 from .._core import lap_flat, lap_partial_flat
 from .._core.zeros import Zero
-from . import _checks, _sparsity
+from . import _checks, _chunking, _sparsity
 from ._checks import Jacobians, Laplacians, OutTree, Primals
 
 _LAP = "fwdlap.lap"
@@ -60,6 +60,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
+    chunk_size: _chunking.ChunkSize = "auto",
 ) -> tuple[OutTree, OutTree, OutTree]:
     r"""Evaluate a function with its jacobian and Laplacian in one forward pass.
 
@@ -115,6 +116,15 @@ def lap(
         reported as a [`fwdlap.Densification`][]. [`fwdlap.laplacian`][] builds its
         identity itself and has no such caveat.
         The outputs are dense either way.
+    - `chunk_size`: how many directions to push through at a time. `None` is one
+        pass with all $n$. An int evaluates `fun` once and the directions in blocks of
+        that many, in a `jax.lax.scan` over its linearisation (as
+        [`fwdlap.lap_partial`][] does), so memory scales with the block instead of
+        with $n$. `"auto"` (the default) uses blocks of about 16 on the CPU
+        backend when that pays: at least 32 directions whose jacobians would exceed
+        about 6 MiB, estimated by tracing `fun` to a jaxpr once more. Elsewhere it is
+        one pass. Results agree up to floating-point reordering. It must be `None`
+        or `"auto"` (which then means one pass) in the sparse mode.
 
     **Returns:**
 
@@ -144,19 +154,27 @@ def lap(
     ```
     """
     spec = _sparsity.to_spec(_LAP, sparsity)
+    chunk_size = _chunking.check_chunk_size(_LAP, chunk_size)
+    if spec is not None and isinstance(chunk_size, int):
+        raise ValueError(
+            f"{_LAP}: `chunk_size={chunk_size}` cannot be combined with `sparsity`, "
+            "whose zero patterns are read from the whole jacobian. Use "
+            "fwdlap.laplacian(fun, sparsity=..., chunk_size=...), which splits the "
+            "identity into sparse passes of whole particles."
+        )
     checked = _checks.check_inputs(
         _LAP, fun, primals, jacobians, laplacians, filtered=False
     )
     store = _OutTree()
     flat_fun = _flat_fun(_LAP, fun, checked.treedef, store)
-    outs, jacs, laps = lap_flat(
-        flat_fun,
-        list(checked.primals),
-        list(checked.jacobians),
-        list(checked.laplacians),
-        checked.n,
-        spec,
-    )
+    args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
+    block = None
+    if spec is None:
+        block = _chunking.resolve_chunk_size(chunk_size, flat_fun, args[0], checked.n)
+    if block is None:
+        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n, spec)
+    else:
+        outs, jacs, laps = _chunking.lap_flat_chunked(flat_fun, *args, checked.n, block)
     avals = [jax.typeof(o) for o in outs]
     jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]
     laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=True)]

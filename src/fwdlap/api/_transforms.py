@@ -19,6 +19,7 @@ from jax import lax
 
 from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
+from . import _chunking
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
 from ._sparsity import OnDensify, Sparsity, to_spec
@@ -304,7 +305,7 @@ def _evaluate(
     f_x: Callable[[Any], Any],
     arg: _Argument,
     groups: list[_Seeds],
-    chunk_size: int | None,
+    chunk_size: "_chunking.ChunkSize",
     want_jacobian: bool,
     sparsity: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -314,17 +315,21 @@ def _evaluate(
     back as one array `(num, *out.shape)` per output leaf, in seed order.
     """
     dim, dtype = arg.dim, arg.dtype
-    most = max(g.num for g in groups)
-    size = most if chunk_size is None else min(chunk_size, most)
-    zero_laps = _zero_laplacians(arg)
-
     if sparsity is not None:  # identity seeds only (checked by the callers)
-        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity)
+        chunk = None if chunk_size == _chunking.AUTO else chunk_size
+        return _evaluate_sparse(f_x, arg, chunk, want_jacobian, sparsity)
+
+    most = max(g.num for g in groups)
+    block = _chunking.resolve_chunk_size(chunk_size, f_x, (arg.tree,), most)
+    size = most if block is None else block
+    zero_laps = _zero_laplacians(arg)
 
     if len(groups) == 1 and groups[0].num == size:
         g = groups[0]
         jac = _split_rows(_block(g, 0, size, dim, dtype), arg)
-        out, jac_out, lap_out = _lap_fn(f_x, (arg.tree,), (jac,), (zero_laps,))
+        out, jac_out, lap_out = _lap_fn(
+            f_x, (arg.tree,), (jac,), (zero_laps,), chunk_size=None
+        )
         if g.sign < 0:
             lap_out = _negate(lap_out)
         return out, lap_out, jac_out if want_jacobian else None
@@ -343,25 +348,24 @@ def _evaluate(
             return pe((jac,), (zero_laps,))
 
         num_blocks = -(-g.num // size)
-        # The first block runs outside the loop: its outputs give the loop carry its
-        # exact types (shardings included, under explicitly sharded meshes).
-        jac0, lap_g = tangents(0)
-        rows = jac0 if want_jacobian else None
-        if num_blocks > 1:
 
-            def body(acc: Any, start: Any, tangents: Any = tangents) -> tuple[Any, Any]:
-                jac_out, lap_out = tangents(start)
-                return _add(acc, lap_out), (jac_out if want_jacobian else None)
+        def body(carry: None, start: Any, tangents: Any = tangents) -> tuple[None, Any]:
+            jac_out, lap_out = tangents(start)
+            return carry, (lap_out, jac_out if want_jacobian else None)
 
-            starts = jnp.arange(1, num_blocks) * size
-            lap_g, later_rows = lax.scan(body, lap_g, starts)
-            if rows is not None:
+        # All blocks in one scan without a carry: the tangent map is compiled once,
+        # and stacked outputs need no initial value (whose types would have to match
+        # the body's exactly, shardings included, under explicitly sharded meshes).
+        starts = jnp.arange(num_blocks) * size
+        _, (lap_blocks, row_blocks) = lax.scan(body, None, starts)
+        lap_g = jax.tree_util.tree_map(_sum_blocks, lap_blocks)
+        rows = None
+        if want_jacobian:
 
-                def join(first: Any, later: Any, num: int = g.num) -> Any:
-                    later = later.reshape(-1, *later.shape[2:])
-                    return jnp.concatenate([first, later])[:num]
+            def join(stacked: Any, num: int = g.num) -> Any:
+                return stacked.reshape(-1, *stacked.shape[2:])[:num]
 
-                rows = jax.tree_util.tree_map(join, rows, later_rows)
+            rows = jax.tree_util.tree_map(join, row_blocks)
         if g.sign < 0:
             lap_g = _negate(lap_g)
         total = lap_g if total is None else _add(total, lap_g)
@@ -423,6 +427,10 @@ def _evaluate_sparse(
     return out, total, rows
 
 
+def _sum_blocks(stacked: Any) -> Any:
+    return jnp.sum(stacked, axis=0)
+
+
 def _add(a: Any, b: Any) -> Any:
     """Sum of two laplacian trees (float0 leaves, of integer outputs, stay zero)."""
 
@@ -451,7 +459,7 @@ def laplacian(
     argnums: int | Sequence[int] = 0,
     *,
     weights: Any = None,
-    chunk_size: int | None = None,
+    chunk_size: _chunking.ChunkSize = "auto",
     probes: int | None = None,
     key: Any = None,
     probe_distribution: Literal["rademacher", "gaussian"] = "rademacher",
@@ -482,11 +490,15 @@ def laplacian(
         indefinite; only its symmetric part matters, as the Hessian is symmetric.
         Coordinates are ordered as `jax.flatten_util.ravel_pytree` orders them: the
         chosen arguments' leaves in `jax.tree_util` order, each leaf row-major.
-    - `chunk_size`: if given, the tangent directions are evaluated in blocks of this
-        many inside a `jax.lax.scan` (through `fwdlap.lap_partial`, so the primal
-        is computed once). The number of directions need not be a multiple of it (the
+    - `chunk_size`: an int evaluates the tangent directions in blocks of this many
+        inside a `jax.lax.scan` (through `fwdlap.lap_partial`, so the primal is
+        computed once). The number of directions need not be a multiple of it (the
         last block is padded with zero directions). XLA's temporary memory then scales
         with `chunk_size` instead of with $d$, at the price of a sequential loop.
+        `None` is one pass with all directions. `"auto"` (the default) uses blocks
+        of about 16 on the CPU backend when the jacobians of one pass would be large
+        (at least 32 directions and about 6 MiB; see [`fwdlap.lap`][]), where the
+        blocks run faster because they stay in cache, and one pass otherwise.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
     - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:
@@ -552,7 +564,7 @@ def laplacian(
     ```
     """
     nums, is_tuple = _normalize_argnums(_LAPLACIAN, argnums)
-    chunk = _check_positive_int(_LAPLACIAN, "chunk_size", chunk_size)
+    chunk = _chunking.check_chunk_size(_LAPLACIAN, chunk_size)
     num_probes = _check_positive_int(_LAPLACIAN, "probes", probes)
     sparse = _check_sparsity(
         _LAPLACIAN,
@@ -599,7 +611,7 @@ def value_grad_and_laplacian(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
-    chunk_size: int | None = None,
+    chunk_size: _chunking.ChunkSize = "auto",
     sparsity: Sparsity | int | bool | None = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
     r"""The value, gradient and Laplacian of a scalar function, in one forward pass.
@@ -616,9 +628,10 @@ def value_grad_and_laplacian(
     - `fun`: a function returning a real scalar (a shape `()` array).
     - `argnums`: which positional argument(s) to differentiate with respect to: an int
         or a tuple of ints; the arguments may be pytrees of real floating-point arrays.
-    - `chunk_size`: as in `fwdlap.laplacian`: evaluate the directions in blocks of this
-        many inside a loop, so that memory no longer grows with the number of
-        coordinates.
+    - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
+        blocks of this many inside a loop, so that memory no longer grows with the
+        number of coordinates; `None` is one pass; `"auto"` (the default) picks
+        blocks of about 16 where one pass's jacobians would be large, on the CPU.
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
@@ -643,7 +656,7 @@ def value_grad_and_laplacian(
     ```
     """
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
-    chunk = _check_positive_int(_VGL, "chunk_size", chunk_size)
+    chunk = _chunking.check_chunk_size(_VGL, chunk_size)
     sparse = _check_sparsity(_VGL, sparsity)
 
     @functools.wraps(fun)

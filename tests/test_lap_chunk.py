@@ -1,0 +1,212 @@
+"""`chunk_size` of fwdlap.lap and the transforms: directions in blocks, and "auto".
+
+References: `reference_triple` (jax.jacfwd and the trace of jax.jacfwd(jax.jacfwd(f)))
+and `jax.hessian`; the tangent map of an input laplacian is checked against
+`jax.jvp`.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fwdlap
+from fwdlap._core import LapTracer
+from fwdlap.api import _chunking
+from helpers import identity_jacobian, reference_triple, tree_allclose
+
+N = 37  # a prime: no block size divides it
+X = np.linspace(-1.1, 0.9, N)
+W = np.cos(np.arange(5 * N, dtype=np.float64).reshape(5, N))
+WIDE = np.sin(np.arange(1, 401, dtype=np.float64) / 7.0)  # 400 hidden units
+
+
+def _f(x: jax.Array) -> jax.Array:
+    h = jnp.tanh(W @ x)
+    return jnp.sum(h**2) + jnp.prod(jnp.cos(x[:3]))
+
+
+def _arrays(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # An array output, a scalar one and one that does not depend on x.
+    return jnp.sin(W @ x) * x[0], jnp.sum(x**3), jnp.ones(3)
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """A function of 48 coordinates whose intermediates hold 48 x 400 values each."""
+    h = jnp.tanh(x[:, None] * WIDE[None, :])
+    return jnp.sum(jnp.sin(h) * h) + jnp.sum(x**2)
+
+
+def _has_scan(fun: Any, *args: Any) -> bool:
+    return "scan" in str(jax.make_jaxpr(fun)(*args))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 36, 37, 100, None])
+@pytest.mark.parametrize("fun", [_f, _arrays], ids=["scalar", "tuple"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_lap_chunked_matches_reference(fun: Any, chunk_size: Any, jit: bool) -> None:
+    x = jnp.asarray(X)
+
+    def run(x: jax.Array) -> Any:
+        return fwdlap.lap(
+            fun, (x,), (identity_jacobian(x),), (None,), chunk_size=chunk_size
+        )
+
+    out, jac, lap = (jax.jit(run) if jit else run)(x)
+    ref_out, ref_jac, ref_lap = reference_triple(fun, x)
+    assert tree_allclose(out, ref_out)
+    assert tree_allclose(jac, ref_jac)
+    assert tree_allclose(lap, ref_lap, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 10])
+def test_lap_chunked_input_laplacian_counts_once(chunk_size: int) -> None:
+    # lap_out = sum_k v_k^T H v_k + J lap_in: the input laplacian goes with one block.
+    x = jnp.asarray(X)
+    lap_in = jnp.sin(3.0 * x)
+    _, _, lap = fwdlap.lap(
+        _f, (x,), (identity_jacobian(x),), (lap_in,), chunk_size=chunk_size
+    )
+    hess_trace = jnp.trace(jax.hessian(_f)(x))
+    _, directional = jax.jvp(_f, (x,), (lap_in,))
+    np.testing.assert_allclose(lap, hess_trace + directional, rtol=1e-10)
+
+
+def test_lap_chunked_pytrees_zero_tangents_and_integer_leaves() -> None:
+    def fun(params: dict[str, Any], x: jax.Array, count: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(params["w"] @ x) ** 2) * count
+
+    params = {"w": jnp.asarray(W)}
+    x = jnp.asarray(X)
+    count = jnp.asarray(3)
+    eye = identity_jacobian(x)
+    got = fwdlap.lap(
+        fun, (params, x, count), (None, eye, None), (None, None, None), chunk_size=8
+    )
+    single = fwdlap.lap(
+        fun, (params, x, count), (None, eye, None), (None, None, None), chunk_size=None
+    )
+    assert tree_allclose(got, single, rtol=1e-10, atol=1e-12)
+    hess_trace = jnp.trace(jax.hessian(lambda x: fun(params, x, count))(x))
+    np.testing.assert_allclose(got[2], hess_trace, rtol=1e-10)
+
+
+def test_lap_chunked_under_vmap_and_grad() -> None:
+    xs = jnp.stack([jnp.asarray(X), jnp.asarray(X[::-1])])
+
+    def loss(scale: jax.Array, chunk_size: Any) -> jax.Array:
+        f = lambda x: _f(scale * x)  # noqa: E731
+
+        def lap_one(x: jax.Array) -> jax.Array:
+            eye = identity_jacobian(x)
+            return fwdlap.lap(f, (x,), (eye,), (None,), chunk_size=chunk_size)[2]
+
+        return jnp.sum(jax.vmap(lap_one)(xs))
+
+    def reference(scale: jax.Array) -> jax.Array:
+        f = lambda x: _f(scale * x)  # noqa: E731
+        return jnp.sum(jax.vmap(lambda x: jnp.trace(jax.hessian(f)(x)))(xs))
+
+    scale = jnp.asarray(0.8)
+    np.testing.assert_allclose(loss(scale, 6), reference(scale), rtol=1e-10)
+    np.testing.assert_allclose(
+        jax.grad(loss)(scale, 6), jax.grad(reference)(scale), rtol=1e-9
+    )
+
+
+def test_auto_splits_large_jacobians_and_keeps_small_ones_whole() -> None:
+    x = jnp.linspace(-1.0, 1.0, 48)
+
+    def lap_of(fun: Any) -> Any:
+        return lambda x: fwdlap.lap(fun, (x,), (identity_jacobian(x),), (None,))[2]
+
+    # 48 directions x ~10 intermediates of 48 x 400 float64 values: about 70 MiB.
+    assert _has_scan(lap_of(_wide), x)
+    np.testing.assert_allclose(
+        jax.jit(lap_of(_wide))(x), jnp.trace(jax.hessian(_wide)(x)), rtol=1e-10
+    )
+    small = lambda x: jnp.sum(jnp.tanh(x) ** 2)  # noqa: E731
+    assert not _has_scan(lap_of(small), x)
+    # chunk_size=None forces one pass whatever the size.
+    single = lambda x: fwdlap.lap(  # noqa: E731
+        _wide, (x,), (identity_jacobian(x),), (None,), chunk_size=None
+    )[2]
+    assert not _has_scan(single, x)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda f: fwdlap.laplacian(f),
+        lambda f: lambda x: fwdlap.value_grad_and_laplacian(f)(x)[2],
+    ],
+    ids=["laplacian", "value_grad_and_laplacian"],
+)
+def test_transforms_default_to_auto(transform: Any) -> None:
+    x = jnp.linspace(-1.0, 1.0, 48)
+    assert _has_scan(transform(_wide), x)
+    np.testing.assert_allclose(
+        jax.jit(transform(_wide))(x), jnp.trace(jax.hessian(_wide)(x)), rtol=1e-10
+    )
+    small = lambda x: jnp.sum(jnp.tanh(x) ** 2)  # noqa: E731
+    assert not _has_scan(transform(small), x)
+
+
+def test_auto_is_one_pass_on_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = jnp.linspace(-1.0, 1.0, 48)
+    assert _chunking.resolve_chunk_size("auto", _wide, (x,), 48) == 16
+    monkeypatch.setattr(_chunking.jax, "default_backend", lambda: "gpu")
+    assert _chunking.resolve_chunk_size("auto", _wide, (x,), 48) is None
+
+
+@pytest.mark.parametrize(
+    ("n", "block"), [(32, 16), (37, 13), (48, 16), (50, 13), (96, 16), (100, 15)]
+)
+def test_auto_blocks_are_balanced(n: int, block: int) -> None:
+    assert _chunking.balanced_block(n) == block
+    blocks = -(-n // block)
+    assert blocks == -(-n // _chunking.AUTO_BLOCK)  # no more blocks than needed
+    assert blocks * block - n < blocks  # padding under one row per block
+
+
+def test_auto_probe_failure_means_one_pass() -> None:
+    # A function that only the forward-Laplacian trace accepts cannot be sized:
+    # the call must go on as one pass rather than fail.
+    def picky(x: jax.Array) -> jax.Array:
+        if not isinstance(x, LapTracer):
+            raise TypeError("only traced by fwdlap")
+        return jnp.sum(jnp.tanh(x[:, None] * WIDE[None, :]))
+
+    x = jnp.linspace(-1.0, 1.0, 48)
+    assert _chunking.jacobian_bytes(picky, (x,), 48) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "big"])
+@pytest.mark.parametrize(
+    ("api", "call"),
+    [
+        (
+            "fwdlap.lap",
+            lambda c: fwdlap.lap(_f, (X,), (np.eye(N),), (None,), chunk_size=c),
+        ),
+        ("fwdlap.laplacian", lambda c: fwdlap.laplacian(_f, chunk_size=c)),
+        (
+            "fwdlap.value_grad_and_laplacian",
+            lambda c: fwdlap.value_grad_and_laplacian(_f, chunk_size=c),
+        ),
+    ],
+    ids=["lap", "laplacian", "value_grad_and_laplacian"],
+)
+def test_bad_chunk_size_raises(api: str, call: Any, bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"{api}: `chunk_size` must be a positive"):
+        call(bad)
+
+
+def test_lap_chunk_size_with_sparsity_points_to_laplacian() -> None:
+    with pytest.raises(ValueError, match="fwdlap.laplacian"):
+        fwdlap.lap(_f, (X,), (np.eye(N),), (None,), sparsity=True, chunk_size=6)
+    # "auto" (the default) means one sparse pass.
+    got = fwdlap.lap(_f, (X,), (np.eye(N),), (None,), sparsity=True)[2]
+    np.testing.assert_allclose(got, jnp.trace(jax.hessian(_f)(jnp.asarray(X))))
