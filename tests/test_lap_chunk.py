@@ -210,3 +210,86 @@ def test_lap_chunk_size_with_sparsity_points_to_laplacian() -> None:
     # "auto" (the default) means one sparse pass.
     got = fwdlap.lap(_f, (X,), (np.eye(N),), (None,), sparsity=True)[2]
     np.testing.assert_allclose(got, jnp.trace(jax.hessian(_f)(jnp.asarray(X))))
+
+
+# --- the sparse mode ------------------------------------------------------------------
+
+PARTICLES = 16
+W_IN = np.cos(np.arange(3 * 256, dtype=np.float64).reshape(3, 256)) / 2
+W_HID = np.sin(np.arange(256 * 256, dtype=np.float64).reshape(256, 256)) / 16
+
+
+def _attention(x: jax.Array) -> jax.Array:
+    """Per-particle features, then attention that mixes every particle into each."""
+    h = jnp.tanh(x.reshape(PARTICLES, 3) @ W_IN)
+    attn = jax.nn.softmax(h @ h.T / 16.0, axis=-1)
+    h = h + attn @ h
+    for _ in range(3):
+        h = jnp.tanh(h @ W_HID)
+    return jnp.sum(h**2)
+
+
+def _per_particle(x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x.reshape(PARTICLES, 3) @ W_IN)
+    return jnp.sum(jnp.tanh(h @ W_HID) ** 2)
+
+
+def _count(primitive: str, fun: Any, x: jax.Array) -> int:
+    jaxpr = str(jax.make_jaxpr(fun)(x))
+    return jaxpr.count(f" {primitive}[") + jaxpr.count(f" {primitive} ")
+
+
+def test_sparse_auto_splits_mostly_dense_passes() -> None:
+    # After the softmax every value depends on every particle: the pass is mostly
+    # dense jacobians, so "auto" makes sparse passes of 8 particles (2 here), each
+    # computing the primal once.
+    x = jnp.linspace(-1.0, 1.0, 3 * PARTICLES)
+    auto = fwdlap.laplacian(_attention, sparsity=True)
+    single = fwdlap.laplacian(_attention, sparsity=True, chunk_size=None)
+    assert _count("tanh", auto, x) == 2 * _count("tanh", single, x)
+    np.testing.assert_allclose(
+        jax.jit(auto)(x), jnp.trace(jax.hessian(_attention)(x)), rtol=1e-9
+    )
+
+
+def test_sparse_auto_keeps_sparse_passes_whole() -> None:
+    x = jnp.linspace(-1.0, 1.0, 3 * PARTICLES)
+    auto = fwdlap.laplacian(_per_particle, sparsity=True)
+    single = fwdlap.laplacian(_per_particle, sparsity=True, chunk_size=None)
+    assert _count("tanh", auto, x) == _count("tanh", single, x)
+    np.testing.assert_allclose(
+        auto(x), jnp.trace(jax.hessian(_per_particle)(x)), rtol=1e-9
+    )
+
+
+def test_sparse_auto_probe_reports_nothing_itself() -> None:
+    # The probe trace is muted: densifications come from the real passes only, and
+    # on_densify="raise" still raises from them.
+    x = jnp.linspace(-1.0, 1.0, 3 * PARTICLES)
+    single = fwdlap.laplacian(_attention, sparsity=True, chunk_size=6 * PARTICLES)
+    with fwdlap.record_densifications() as one_pass:
+        jax.eval_shape(single, x)
+    with fwdlap.record_densifications() as auto_passes:
+        jax.eval_shape(fwdlap.laplacian(_attention, sparsity=True), x)
+    assert one_pass and len(auto_passes) <= 2 * len(one_pass)
+
+    def custom(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.linalg.solve(jnp.eye(3) + jnp.outer(x[:3], x[:3]), x[:3]))
+
+    strict = fwdlap.Sparsity(on_densify="raise")
+    with pytest.raises(fwdlap.DensificationError):
+        fwdlap.laplacian(lambda x: custom(x) + _attention(x), sparsity=strict)(x)
+
+
+@pytest.mark.parametrize(
+    ("dense", "total", "dim", "rows"),
+    [
+        (40 * 2**20, 60 * 2**20, 96, 24),  # mostly dense and large: 4 passes of 24
+        (40 * 2**20, 60 * 2**20, 60, 21),  # 20 particles in 3 passes of 7
+        (40 * 2**20, 100 * 2**20, 96, None),  # mostly sparse
+        (2**20, 2**20, 96, None),  # small
+        (40 * 2**20, 60 * 2**20, 45, None),  # under two passes' worth of directions
+    ],
+)
+def test_sparse_auto_rows(dense: int, total: int, dim: int, rows: Any) -> None:
+    assert _chunking.sparse_auto_rows(dense, total, dim, 3) == rows

@@ -31,6 +31,9 @@ AUTO_BLOCK = 16
 AUTO_MIN_BYTES = 6 * 2**20
 """Estimated jacobian bytes per call past which `"auto"` evaluates in blocks."""
 
+SPARSE_AUTO_ROWS = 24
+"""Directions per sparse pass under `"auto"` (8 particles of 3 coordinates)."""
+
 
 def check_chunk_size(api: str, chunk_size: Any) -> ChunkSize:
     """`chunk_size` as given, after checking it is a positive int, "auto" or None."""
@@ -48,37 +51,75 @@ def check_chunk_size(api: str, chunk_size: Any) -> ChunkSize:
     return chunk_size
 
 
-def _intermediate_bytes(jaxpr: Any) -> int:
-    """Bytes of every value a jaxpr computes, nested jaxprs included (loops once)."""
+def _intermediate_bytes(jaxpr: Any, rows: int | None = None) -> int:
+    """Bytes of the values a jaxpr computes, nested jaxprs included (loops once).
+
+    With `rows`, only values whose leading axis has that length count: in a
+    forward-Laplacian jaxpr with `n` directions, the dense jacobians.
+    """
     total = 0
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
             aval = var.aval
             shape = getattr(aval, "shape", None)
             dtype = getattr(aval, "dtype", None)
-            if shape is not None and dtype is not None:
-                total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if shape is None or dtype is None:
+                continue
+            if rows is not None and (not shape or shape[0] != rows):
+                continue
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     for sub in _jax.subjaxprs(jaxpr):
-        total += _intermediate_bytes(sub)
+        total += _intermediate_bytes(sub, rows)
     return total
+
+
+def _trace(fun: Callable[..., Any], primals: Sequence[Any]) -> Any:
+    """`fun`'s jaxpr for arguments shaped like `primals`, or None if tracing fails."""
+    specs: list[Any] = jax.tree_util.tree_map(_spec, list(primals))
+    try:
+        trace_fn: Any = jax.make_jaxpr  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        return trace_fn(fun)(*specs).jaxpr
+    except Exception:  # noqa: BLE001 - a heuristic's probe must never break the call
+        return None
 
 
 def jacobian_bytes(fun: Callable[..., Any], primals: Sequence[Any], n: int) -> int:
     """Estimated bytes of the dense jacobians of one pass: `n` times the primal's.
 
-    `primals` holds `fun`'s positional arguments (pytrees of arrays).
-
-    `fun` is traced once more, to a jaxpr, for the sizes of its intermediates. Should
-    that fail (it may use something only the forward-Laplacian trace accepts), the
-    estimate is 0 and the pass is not split.
+    `primals` holds `fun`'s positional arguments (pytrees of arrays). `fun` is traced
+    once more, to a jaxpr, for the sizes of its intermediates. Should that fail (it
+    may use something only the forward-Laplacian trace accepts), the estimate is 0
+    and the pass is not split.
     """
-    specs: list[Any] = jax.tree_util.tree_map(_spec, list(primals))
-    try:
-        make_jaxpr: Any = jax.make_jaxpr  # pyright: ignore[reportUnknownMemberType]
-        closed = make_jaxpr(fun)(*specs)
-    except Exception:  # noqa: BLE001 - a heuristic's probe must never break the call
-        return 0
-    return n * _intermediate_bytes(closed.jaxpr)
+    jaxpr = _trace(fun, primals)
+    return 0 if jaxpr is None else n * _intermediate_bytes(jaxpr)
+
+
+def sparse_pass_bytes(
+    pass_fun: Callable[..., Any], primals: Sequence[Any], n: int
+) -> tuple[int, int]:
+    """`(dense jacobian bytes, all bytes)` of a traced sparse pass (0s if it fails)."""
+    jaxpr = _trace(pass_fun, primals)
+    if jaxpr is None:
+        return 0, 0
+    return _intermediate_bytes(jaxpr, rows=n), _intermediate_bytes(jaxpr)
+
+
+def sparse_auto_rows(dense: int, total: int, dim: int, block: int) -> int | None:
+    """Directions per sparse pass under `chunk_size="auto"`, or None for one pass.
+
+    Passes of whole particles pay where most of a sparse pass is dense jacobians
+    (attention mixes every particle into every value) and those are large; where the
+    pass stays mostly sparse, extra passes only repeat the primal and sparse work.
+    Passes are balanced around `SPARSE_AUTO_ROWS` directions.
+    """
+    if dim < 2 * SPARSE_AUTO_ROWS or jax.default_backend() != "cpu":
+        return None
+    if dense < AUTO_MIN_BYTES or 2 * dense < total:
+        return None
+    particles = dim // block
+    passes = -(-dim // SPARSE_AUTO_ROWS)
+    return -(-particles // passes) * block
 
 
 def _spec(p: Any) -> jax.ShapeDtypeStruct:

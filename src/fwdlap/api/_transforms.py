@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._core import sparse as _sparse_core
 from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from . import _chunking
@@ -316,8 +317,12 @@ def _evaluate(
     """
     dim, dtype = arg.dim, arg.dtype
     if sparsity is not None:  # identity seeds only (checked by the callers)
-        chunk = None if chunk_size == _chunking.AUTO else chunk_size
-        return _evaluate_sparse(f_x, arg, chunk, want_jacobian, sparsity)
+        rows = (
+            _sparse_auto_rows(f_x, arg, sparsity)
+            if chunk_size == _chunking.AUTO
+            else chunk_size
+        )
+        return _evaluate_sparse(f_x, arg, rows, want_jacobian, sparsity)
 
     most = max(g.num for g in groups)
     block = _chunking.resolve_chunk_size(chunk_size, f_x, (arg.tree,), most)
@@ -391,6 +396,27 @@ def _sparse_chunks(
     rows = max(block, chunk_size // block * block)
     per_pass = Sparsity(block, spec.threshold, cast(OnDensify, spec.on_densify))
     return [(s, min(s + rows, dim)) for s in range(0, dim, rows)], per_pass
+
+
+def _sparse_auto_rows(f_x: Callable[[Any], Any], arg: _Argument, sparsity: Any) -> Any:
+    """`chunk_size="auto"` in the sparse mode: passes of whole particles, or None.
+
+    The single sparse pass is traced to a jaxpr (quietly: its densifications are
+    reported by the real pass) to see how much of it is dense jacobians.
+    """
+    spec = to_spec(_LAPLACIAN, sparsity)
+    assert spec is not None
+    block = spec.resolve(arg.dim).block_size
+
+    def single_pass(tree: Any) -> Any:
+        jac = _split_rows(np.eye(arg.dim, dtype=np.dtype(arg.dtype)), arg)
+        return _lap_fn(
+            f_x, (tree,), (jac,), (_zero_laplacians(arg),), sparsity=sparsity
+        )[2]
+
+    with _sparse_core.muted():
+        dense, total = _chunking.sparse_pass_bytes(single_pass, (arg.tree,), arg.dim)
+    return _chunking.sparse_auto_rows(dense, total, arg.dim, block)
 
 
 def _evaluate_sparse(
@@ -498,7 +524,10 @@ def laplacian(
         `None` is one pass with all directions. `"auto"` (the default) uses blocks
         of about 16 on the CPU backend when the jacobians of one pass would be large
         (at least 32 directions and about 6 MiB; see [`fwdlap.lap`][]), where the
-        blocks run faster because they stay in cache, and one pass otherwise.
+        blocks run faster because they stay in cache, and one pass otherwise. In the
+        sparse mode `"auto"` traces the single sparse pass once to a jaxpr and, where
+        most of it is dense jacobians of more than about 6 MiB (attention over
+        particles), splits it into sparse passes of about 8 particles.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
     - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:
@@ -631,7 +660,9 @@ def value_grad_and_laplacian(
     - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
         blocks of this many inside a loop, so that memory no longer grows with the
         number of coordinates; `None` is one pass; `"auto"` (the default) picks
-        blocks of about 16 where one pass's jacobians would be large, on the CPU.
+        blocks of about 16 where one pass's jacobians would be large, on the CPU
+        (and, in the sparse mode, sparse passes of about 8 particles where the pass
+        is mostly dense).
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
