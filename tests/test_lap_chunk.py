@@ -295,3 +295,26 @@ def test_sparse_auto_probe_reports_nothing_itself() -> None:
 )
 def test_sparse_auto_rows(dense: int, total: int, dim: int, rows: Any) -> None:
     assert _chunking.sparse_auto_rows(dense, total, dim, 3) == rows
+
+
+def test_lap_filter_uses_auto_blocks() -> None:
+    # Static leaves (a string, a function) and outputs that are not arrays or do not
+    # depend on x come back with None tangents, in blocks as in one pass.
+    x = jnp.linspace(-1.0, 1.0, 48)
+
+    def fun(config: dict[str, Any], x: jax.Array) -> dict[str, Any]:
+        value = config["activation"](_wide(x))
+        return {"value": value, "name": config["name"], "constant": jnp.ones(2)}
+
+    config = {"name": "wide", "activation": jnp.sin}
+    run = lambda x: fwdlap.lap_filter(  # noqa: E731
+        fun, (config, x), (None, identity_jacobian(x)), (None, None)
+    )
+    assert _has_scan(lambda x: run(x)[2]["value"], x)
+    out, jac, lap = run(x)
+    assert out["name"] == "wide" and jac["name"] is None and lap["constant"] is None
+    target = lambda x: jnp.sin(_wide(x))  # noqa: E731
+    np.testing.assert_allclose(jac["value"], jax.grad(target)(x), rtol=1e-10)
+    np.testing.assert_allclose(
+        lap["value"], jnp.trace(jax.hessian(target)(x)), rtol=1e-10
+    )

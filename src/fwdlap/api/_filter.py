@@ -7,7 +7,7 @@ import jax
 
 from .._core import lap_flat
 from .._core.zeros import Zero
-from . import _checks
+from . import _checks, _chunking
 from ._checks import FilteredPrimals, Jacobians, Laplacians, OutTree
 
 _LAP_FILTER = "fwdlap.lap_filter"
@@ -54,6 +54,9 @@ def lap_filter(
     The computed quantity is the one of [`fwdlap.lap`][]: for directions $v_1, \dots,
     v_n$ and input laplacian $\ell$,
     $\text{laplacians\_out} = \sum_k v_k^\top (\nabla^2 f)\, v_k + J \ell$.
+    It is evaluated as `fwdlap.lap` does with its default `chunk_size="auto"`: in
+    blocks of about 16 directions on the CPU when the jacobians would be large (there
+    is no `chunk_size` argument here, as keyword arguments go to `fun`).
 
     **Arguments:**
 
@@ -110,10 +113,12 @@ def lap_filter(
         store.is_array = [_checks.is_array(leaf) for leaf in store.leaves]
         return [leaf for leaf, a in zip(store.leaves, store.is_array, strict=True) if a]
 
-    primals_d, jacobians_d, laplacians_d = checked.dynamic_leaves()
-    outs, jacs, laps = lap_flat(
-        flat_fun, primals_d, jacobians_d, laplacians_d, checked.n
-    )
+    args = checked.dynamic_leaves()
+    block = _chunking.resolve_chunk_size(_chunking.AUTO, flat_fun, args[0], checked.n)
+    if block is None:
+        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n)
+    else:
+        outs, jacs, laps = _chunking.lap_flat_chunked(flat_fun, *args, checked.n, block)
 
     out_leaves: list[Any] = []
     jac_leaves: list[Any] = []
