@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._core import _jax, lap_partial_flat
+from .._core import _jax, lap_flat, lap_partial_flat
 from .._core.zeros import is_zero, zero_jacobian, zero_laplacian
 
 ChunkSize = int | Literal["auto"] | None
@@ -154,6 +154,21 @@ def resolve_chunk_size(
     if jacobian_bytes(fun, primals, n) < AUTO_MIN_BYTES:
         return None
     return balanced_block(n)
+
+
+def lap_flat_blocked(
+    fun: Callable[..., Sequence[Any]],
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    n: int,
+    chunk_size: ChunkSize,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The dense `lap_flat`, in one pass or in blocks as `chunk_size` resolves."""
+    block = resolve_chunk_size(chunk_size, fun, primals, n)
+    if block is None:
+        return lap_flat(fun, primals, jacobians, laplacians, n)
+    return lap_flat_chunked(fun, primals, jacobians, laplacians, n, block)
 
 
 def _is_live(primal: Any, tangent: Any) -> bool:

@@ -5,7 +5,6 @@ from typing import Any
 
 import jax
 
-from .._core import lap_flat
 from .._core.zeros import Zero
 from . import _checks, _chunking
 from ._checks import FilteredPrimals, Jacobians, Laplacians, OutTree
@@ -113,12 +112,9 @@ def lap_filter(
         store.is_array = [_checks.is_array(leaf) for leaf in store.leaves]
         return [leaf for leaf, a in zip(store.leaves, store.is_array, strict=True) if a]
 
-    args = checked.dynamic_leaves()
-    block = _chunking.resolve_chunk_size(_chunking.AUTO, flat_fun, args[0], checked.n)
-    if block is None:
-        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n)
-    else:
-        outs, jacs, laps = _chunking.lap_flat_chunked(flat_fun, *args, checked.n, block)
+    outs, jacs, laps = _chunking.lap_flat_blocked(
+        flat_fun, *checked.dynamic_leaves(), checked.n, _chunking.AUTO
+    )
 
     out_leaves: list[Any] = []
     jac_leaves: list[Any] = []

@@ -168,13 +168,12 @@ def lap(
     store = _OutTree()
     flat_fun = _flat_fun(_LAP, fun, checked.treedef, store)
     args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
-    block = None
     if spec is None:
-        block = _chunking.resolve_chunk_size(chunk_size, flat_fun, args[0], checked.n)
-    if block is None:
-        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n, spec)
+        outs, jacs, laps = _chunking.lap_flat_blocked(
+            flat_fun, *args, checked.n, chunk_size
+        )
     else:
-        outs, jacs, laps = _chunking.lap_flat_chunked(flat_fun, *args, checked.n, block)
+        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n, spec)
     avals = [jax.typeof(o) for o in outs]
     jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]
     laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=True)]
