@@ -203,14 +203,19 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(aval.shape)
 
 
-def state() -> tuple[tuple[int, ...], ...]:
+def state() -> tuple[Any, ...]:
     """A fingerprint of every registered rule, for caches of transformed jaxprs.
 
     A cached forward-Laplacian jaxpr is only valid for the rules it was built with;
     keying caches on this fingerprint makes `fwdlap.register_rule` (or a test that
-    swaps a rule) take effect on functions that were already traced.
+    swaps a rule) take effect on functions that were already traced. The default
+    backend is part of it because some rules emit backend-specific code (see
+    `rules.reduction`).
     """
-    return tuple(
-        tuple(id(r) for r in table.values())
-        for table in (rules, trace_rules, custom_jvp_rules)
+    return (
+        *(
+            tuple(id(r) for r in table.values())
+            for table in (rules, trace_rules, custom_jvp_rules)
+        ),
+        jax.default_backend(),
     )

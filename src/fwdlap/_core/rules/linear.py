@@ -29,7 +29,6 @@ _UNARY_NAMES = [
     "squeeze",
     "expand_dims",
     "slice",
-    "reduce_sum",
     "rev",
     "copy",
     "real",
