@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.tree_util import Partial
 
-from . import _jax, registry, sparse
+from . import _jax, dot_split, registry, sparse
 from .sparse import SparseContext, is_sparse
 from .zeros import Zero, instantiate, is_zero, zero_jacobian, zero_laplacian
 
@@ -56,6 +56,8 @@ class LapTrace(_jax.Trace):
         self.tag = tag
         self.n = n
         self.sparse = sparse
+        # id -> (value, how it was made), for `dot_split`.
+        self.origins: dict[int, tuple[Any, dot_split.Origin]] = {}
 
     def to_triple(self, val: Any) -> Triple:
         if isinstance(val, LapTracer) and val._trace.tag is self.tag:
@@ -74,6 +76,21 @@ class LapTrace(_jax.Trace):
         return maybe_lap_tracer(self, primal, jac, lap)
 
     def process_primitive(self, primitive: Any, tracers: Any, params: Any, /) -> Any:
+        if primitive is jax.lax.dot_general_p:
+            out = dot_split.split_dot(self, self.origins, tracers, params)
+            if out is not None:
+                return out
+        if primitive is _jax.jit_p and params.get("inline"):
+            # jnp's helpers (`matmul`, ...) are `jit(inline=True)`: inline them as
+            # JAX's own tracing does, so that `dot_split` sees their operands.
+            closed = params["jaxpr"]
+            with _jax.set_current_trace(self):
+                return _jax.eval_jaxpr(closed.jaxpr, closed.consts, *tracers)
+        out = self._process_primitive(primitive, tracers, params)
+        dot_split.record(self.origins, primitive, tracers, params, out)
+        return out
+
+    def _process_primitive(self, primitive: Any, tracers: Any, params: Any) -> Any:
         primals, jacs, laps = unzip3(map(self.to_triple, tracers))
         if all(is_zero(t) for t in (*jacs, *laps)):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
