@@ -166,7 +166,8 @@ def test_transforms_default_to_auto(transform: Any) -> None:
 
 def test_auto_is_one_pass_on_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
     x = jnp.linspace(-1.0, 1.0, 48)
-    assert _chunking.resolve_chunk_size("auto", _wide, (x,), 48) == 16
+    block = _chunking.resolve_chunk_size("auto", _wide, (x,), 48)
+    assert block is not None and block < 48
     monkeypatch.setattr(_chunking.jax, "default_backend", lambda: "gpu")
     assert _chunking.resolve_chunk_size("auto", _wide, (x,), 48) is None
 
@@ -179,6 +180,32 @@ def test_auto_blocks_are_balanced(n: int, block: int) -> None:
     blocks = -(-n // block)
     assert blocks == -(-n // _chunking.AUTO_BLOCK)  # no more blocks than needed
     assert blocks * block - n < blocks  # padding under one row per block
+
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize(
+    ("n", "mib_per_direction", "block"),
+    [
+        (96, 1.2, 8),  # FermiNet-shaped, N = 32: 9 MiB fit 7.5 directions; at least 8
+        (96, 0.49, 16),  # Psiformer-shaped, N = 32: 18 directions, balanced to 16
+        (48, 0.36, 24),  # FermiNet-shaped, N = 16: 25 directions, balanced to 24
+        (96, 0.05, 32),  # small jacobians: at most 32 per block
+        (40, 0.3, 20),  # 30 directions, balanced over 40
+    ],
+)
+def test_auto_blocks_carry_about_nine_mib(
+    n: int, mib_per_direction: float, block: int
+) -> None:
+    nbytes = int(n * mib_per_direction * MIB)
+    assert _chunking.auto_block(n, nbytes) == block
+    low, high = _chunking.AUTO_BLOCK_RANGE
+    assert low <= block <= high
+    if low < block < high:  # within a block's worth of the byte target
+        assert abs(block * mib_per_direction * MIB - _chunking.AUTO_BLOCK_BYTES) < (
+            block * mib_per_direction * MIB
+        )
 
 
 def test_auto_probe_failure_means_one_pass() -> None:

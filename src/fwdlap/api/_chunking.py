@@ -2,13 +2,19 @@
 
 A dense pass carries every intermediate value with all `n` directions. Once those
 jacobians outgrow the CPU caches, the pass is bound by memory traffic, and pushing
-the directions through in blocks of about 16 (one primal evaluation, a loop over the
-linearised tangent map) runs faster, because each block's jacobians stay in cache.
-When they fit, the loop only costs (smaller matmuls, a sequential loop), so the
-`"auto"` policy chunks only past a working-set threshold. It was calibrated with
-`benchmarks/` on a 2-core CPU: blocks of 16 made the FermiNet- and Psiformer-shaped
-models 0.5-0.7x faster from about 9 MiB of jacobians per configuration, and made the
-MLPs (under 4 MiB) 1.1-1.6x slower.
+the directions through in blocks (one primal evaluation, a loop over the linearised
+tangent map) runs faster, because each block's jacobians stay in cache. When they
+fit, the loop only costs (smaller matmuls, a sequential loop), so the `"auto"` policy
+chunks only past a working-set threshold, and sizes the blocks so that each carries
+about `AUTO_BLOCK_BYTES` of jacobians. Both were calibrated with `benchmarks/` on a
+2-core CPU (batches of 16 configurations):
+
+- blocks made the FermiNet- and Psiformer-shaped models 0.5-0.7x faster from about
+  9 MiB of jacobians per configuration, and made the MLPs (under 4 MiB) 1.1-1.6x
+  slower;
+- the best block carried 8-10 MiB: 8 directions for FermiNet at N = 32 (1.2 MiB per
+  direction; 16 were 1.2x slower), 16 for Psiformer at N = 32 (0.49 MiB; 24 were
+  1.1x slower), 24 for FermiNet at N = 16 (0.36 MiB; 16 were 1.2x slower).
 """
 
 from collections.abc import Callable, Sequence
@@ -26,7 +32,13 @@ ChunkSize = int | Literal["auto"] | None
 
 AUTO = "auto"
 AUTO_BLOCK = 16
-"""Directions per block under `chunk_size="auto"` (blocks are balanced around it)."""
+"""The fewest directions `"auto"` splits into blocks is twice this."""
+
+AUTO_BLOCK_BYTES = 9 * 2**20
+"""Estimated jacobian bytes per block that `"auto"` aims for."""
+
+AUTO_BLOCK_RANGE = (8, 32)
+"""The fewest and the most directions per block under `"auto"`."""
 
 AUTO_MIN_BYTES = 6 * 2**20
 """Estimated jacobian bytes per call past which `"auto"` evaluates in blocks."""
@@ -132,6 +144,16 @@ def balanced_block(n: int, target: int = AUTO_BLOCK) -> int:
     return -(-n // blocks)
 
 
+def auto_block(n: int, nbytes: int) -> int:
+    """Directions per block for `n` directions whose jacobians take `nbytes`.
+
+    About `AUTO_BLOCK_BYTES` per block, within `AUTO_BLOCK_RANGE`, balanced over `n`.
+    """
+    low, high = AUTO_BLOCK_RANGE
+    target = AUTO_BLOCK_BYTES * n // max(nbytes, 1)
+    return balanced_block(n, int(min(max(target, low), high)))
+
+
 def resolve_chunk_size(
     chunk_size: ChunkSize,
     fun: Callable[..., Any],
@@ -140,10 +162,10 @@ def resolve_chunk_size(
 ) -> int | None:
     """The block size to evaluate `n` directions with, or None for one pass.
 
-    `"auto"` picks blocks of about `AUTO_BLOCK` directions on the CPU backend when
-    there are at least two such blocks and the jacobians would exceed
-    `AUTO_MIN_BYTES`; otherwise, and on accelerators (where one wide pass keeps the
-    device busy), one pass.
+    `"auto"` splits on the CPU backend when there are at least `2 * AUTO_BLOCK`
+    directions and the jacobians would exceed `AUTO_MIN_BYTES`, into blocks of about
+    `AUTO_BLOCK_BYTES` each (`auto_block`); otherwise, and on accelerators (where
+    one wide pass keeps the device busy), it makes one pass.
     """
     if chunk_size is None:
         return None
@@ -151,9 +173,11 @@ def resolve_chunk_size(
         return None if chunk_size >= n else int(chunk_size)
     if n < 2 * AUTO_BLOCK or jax.default_backend() != "cpu":
         return None
-    if jacobian_bytes(fun, primals, n) < AUTO_MIN_BYTES:
+    nbytes = jacobian_bytes(fun, primals, n)
+    if nbytes < AUTO_MIN_BYTES:
         return None
-    return balanced_block(n)
+    block = auto_block(n, nbytes)
+    return None if block >= n else block
 
 
 def lap_flat_blocked(
