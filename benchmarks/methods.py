@@ -100,8 +100,8 @@ def fwdlap_dense(f: ScalarFn) -> ScalarFn:
     """This library's forward Laplacian with a dense identity jacobian, as called.
 
     ``fwdlap.lap`` with its defaults: ``chunk_size="auto"`` keeps one pass where the
-    jacobians are small and evaluates blocks of about 16 directions (one primal pass,
-    a loop over the linearisation) where they would outgrow the CPU caches.
+    jacobians are small and evaluates blocks of 8 to 32 directions (one primal pass, a
+    loop over the linearisation) where they would outgrow the CPU caches.
     """
     fwdlap = _import_fwdlap()
     return lambda x: _fwdlap_call(fwdlap, f, x)

@@ -54,7 +54,7 @@ def lap_filter(
     v_n$ and input laplacian $\ell$,
     $\text{laplacians\_out} = \sum_k v_k^\top (\nabla^2 f)\, v_k + J \ell$.
     It is evaluated as `fwdlap.lap` does with its default `chunk_size="auto"`: in
-    blocks of about 16 directions on the CPU when the jacobians would be large (there
+    blocks of 8 to 32 directions on the CPU when the jacobians would be large (there
     is no `chunk_size` argument here, as keyword arguments go to `fun`).
 
     **Arguments:**

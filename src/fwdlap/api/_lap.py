@@ -120,10 +120,10 @@ def lap(
         pass with all $n$. An int evaluates `fun` once and the directions in blocks of
         that many, in a `jax.lax.scan` over its linearisation (as
         [`fwdlap.lap_partial`][] does), so memory scales with the block instead of
-        with $n$. `"auto"` (the default) uses blocks of about 16 on the CPU
-        backend when that pays: at least 32 directions whose jacobians would exceed
-        about 6 MiB, estimated by tracing `fun` to a jaxpr once more. Elsewhere it is
-        one pass. Results agree up to floating-point reordering. It must be `None`
+        with $n$. `"auto"` (the default) uses blocks on the CPU backend when that
+        pays: at least 32 directions whose jacobians would exceed about 6 MiB,
+        estimated by tracing `fun` to a jaxpr once more. Each block then carries
+        about 9 MiB of jacobians (8 to 32 directions). Elsewhere it is one pass. Results agree up to floating-point reordering. It must be `None`
         or `"auto"` (which then means one pass) in the sparse mode.
 
     **Returns:**

@@ -522,7 +522,7 @@ def laplacian(
         last block is padded with zero directions). XLA's temporary memory then scales
         with `chunk_size` instead of with $d$, at the price of a sequential loop.
         `None` is one pass with all directions. `"auto"` (the default) uses blocks
-        of about 16 on the CPU backend when the jacobians of one pass would be large
+        of 8 to 32 on the CPU backend when the jacobians of one pass would be large
         (at least 32 directions and about 6 MiB; see [`fwdlap.lap`][]), where the
         blocks run faster because they stay in cache, and one pass otherwise. In the
         sparse mode `"auto"` traces the single sparse pass once to a jaxpr and, where
@@ -660,7 +660,7 @@ def value_grad_and_laplacian(
     - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
         blocks of this many inside a loop, so that memory no longer grows with the
         number of coordinates; `None` is one pass; `"auto"` (the default) picks
-        blocks of about 16 where one pass's jacobians would be large, on the CPU
+        blocks of 8 to 32 where one pass's jacobians would be large, on the CPU
         (and, in the sparse mode, sparse passes of about 8 particles where the pass
         is mostly dense).
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
