@@ -46,11 +46,10 @@ class Origin(NamedTuple):
 def record(
     origins: dict[int, tuple[Any, Origin]], primitive: Any, operands, params, out
 ):
-    """Remember `out` as a `concatenate` or `broadcast_in_dim` of `operands`."""
+    """Remember the traced `out` as a `concatenate` or `broadcast_in_dim`."""
     if primitive is lax.concatenate_p or primitive is lax.broadcast_in_dim_p:
-        if not primitive.multiple_results and hasattr(out, "primal"):
-            # The entry holds `out` itself, so its id is not reused during the trace.
-            origins[id(out)] = (out, Origin(primitive, tuple(operands), dict(params)))
+        # The entry holds `out` itself, so its id is not reused during the trace.
+        origins[id(out)] = (out, Origin(primitive, tuple(operands), dict(params)))
 
 
 def _origin(origins: dict[int, tuple[Any, Origin]], value: Any) -> Origin | None:
@@ -104,8 +103,6 @@ def _dot_of_broadcast(
     )
     new_params = {**params, "dimension_numbers": (pair, ((), ()))}
     args = (operand, other) if side == 0 else (other, operand)
-    with _jax.set_current_trace(trace):
-        small = lax.dot_general_p.bind(*args, **new_params)
     my_free = _free_axes(len(_shape(value)), mine)
     operand_free = _free_axes(len(_shape(operand)), operand_contracting)
     other_free = _free_axes(len(_shape(other)), theirs)
@@ -121,6 +118,7 @@ def _dot_of_broadcast(
             _shape(value)[a] for a in my_free
         ]
     with _jax.set_current_trace(trace):
+        small = lax.dot_general_p.bind(*args, **new_params)
         return lax.broadcast_in_dim(small, tuple(out_shape), tuple(positions))
 
 
@@ -128,21 +126,16 @@ def _groups(
     origins: dict[int, tuple[Any, Origin]], parts: Sequence[Any], contracting
 ) -> list[list[Any]] | None:
     """Parts in runs: each cheap broadcast alone, the others concatenated together."""
-    runs: list[list[Any]] = []
-    cheap_seen = False
-    for part in parts:
-        if _cheap_broadcast(origins, part, contracting) is not None:
-            runs.append([part])
-            cheap_seen = True
-        elif (
-            runs
-            and len(runs[-1])
-            and _cheap_broadcast(origins, runs[-1][0], contracting) is None
-        ):
-            runs[-1].append(part)
+    cheap = [_cheap_broadcast(origins, p, contracting) is not None for p in parts]
+    if not any(cheap):
+        return None
+    runs: list[tuple[list[Any], bool]] = []
+    for part, is_cheap in zip(parts, cheap, strict=True):
+        if is_cheap or not runs or runs[-1][1]:
+            runs.append(([part], is_cheap))
         else:
-            runs.append([part])
-    return runs if cheap_seen else None
+            runs[-1][0].append(part)
+    return [run for run, _ in runs]
 
 
 def split_dot(trace: Any, origins: dict[int, tuple[Any, Origin]], tracers, params):

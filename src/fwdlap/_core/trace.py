@@ -87,7 +87,8 @@ class LapTrace(_jax.Trace):
             with _jax.set_current_trace(self):
                 return _jax.eval_jaxpr(closed.jaxpr, closed.consts, *tracers)
         out = self._process_primitive(primitive, tracers, params)
-        dot_split.record(self.origins, primitive, tracers, params, out)
+        if isinstance(out, LapTracer):
+            dot_split.record(self.origins, primitive, tracers, params, out)
         return out
 
     def _process_primitive(self, primitive: Any, tracers: Any, params: Any) -> Any:

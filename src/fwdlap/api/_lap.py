@@ -123,8 +123,9 @@ def lap(
         with $n$. `"auto"` (the default) uses blocks on the CPU backend when that
         pays: at least 32 directions whose jacobians would exceed about 6 MiB,
         estimated by tracing `fun` to a jaxpr once more. Each block then carries
-        about 9 MiB of jacobians (8 to 32 directions). Elsewhere it is one pass. Results agree up to floating-point reordering. It must be `None`
-        or `"auto"` (which then means one pass) in the sparse mode.
+        about 9 MiB of jacobians (8 to 32 directions). Elsewhere it is one pass.
+        Results agree up to floating-point reordering. It must be `None` or
+        `"auto"` (which then means one pass) in the sparse mode.
 
     **Returns:**
 
