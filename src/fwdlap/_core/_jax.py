@@ -133,6 +133,17 @@ det_custom_jvp: Any = getattr(_np_linalg, "_det", None)
 # JAX >= 0.10 computes 1x1 and 2x2 slogdets in closed form (`_slogdet_small`).
 slogdet_small_custom_jvp: Any = getattr(_np_linalg, "_slogdet_small", None)
 
+from jax._src.nn import functions as _nn_functions  # noqa: E402
+
+# `jax.nn.softmax` under `jax_softmax_custom_jvp=True`: a custom_jvp with
+# `nondiff_argnums=(1,)` (the axis), recognised by the source info of its call.
+_softmax_custom_jvp: Any = getattr(_nn_functions, "_softmax", None)
+softmax_src_info: str | None = (
+    fun_sourceinfo(_softmax_custom_jvp.fun)
+    if getattr(_softmax_custom_jvp, "fun", None) is not None
+    else None
+)
+
 # The only transformations allowed between a custom_jvp function and the `fun` that
 # reaches `process_custom_jvp_call` for a dedicated rule to apply: output flattening.
 # Any other (batch_subtrace, jvp_subtrace, ...) means an outer trace changed what `fun`

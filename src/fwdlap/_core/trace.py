@@ -10,6 +10,7 @@ The structure follows JAX's own `JVPTrace` (`jax/_src/interpreters/ad.py`).
 
 import functools
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -164,7 +165,10 @@ class LapTrace(_jax.Trace):
         if all(is_zero(t) for t in (*jacs, *laps)):
             params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
-        from .rules.custom import custom_jvp_rule  # rules import this module
+        from .rules.custom import (  # rules import this module
+            custom_jvp_rule,
+            softmax_rule,
+        )
 
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
             outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
@@ -189,6 +193,8 @@ class LapTrace(_jax.Trace):
             # A rule registered for this custom_jvp function (fwdlap.register_rule),
             # else differentiate its JVP rule.
             outs = registry.apply_custom_jvp_rule(fun, primals, jacs, laps, self.n)
+            if outs is None and _is_softmax(fun):
+                outs = softmax_rule(primals, jacs, laps, jvp, symbolic_zeros)
             if outs is None:
                 outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
@@ -293,6 +299,12 @@ def sparse_rules_finish(ctx: SparseContext, what: Any, out: Any, jac: Any) -> An
     return sparse_rules.finish(ctx, what, out, jac)
 
 
+def _is_softmax(fun: Any) -> bool:
+    """Whether a `custom_jvp_call` is `jax.nn.softmax`'s (`jax_softmax_custom_jvp`)."""
+    src = _jax.custom_jvp_call_src_info(fun)
+    return src is not None and src == _jax.softmax_src_info
+
+
 def _custom_jvp_name(fun: Any) -> str:
     """A readable name for a custom_jvp function in densification reports."""
     src = _jax.custom_jvp_call_src_info(fun)
@@ -394,7 +406,11 @@ def lap_flat(
             maybe_lap_tracer(trace, p, j, _normalize(p, lp, zero_laplacian(p)))
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)
         ]
-        with _jax.set_current_trace(trace):
+        # `jax.nn.softmax` as its custom_jvp (the flag JAX means to make the default),
+        # for `rules.custom.softmax_rule`; the sparse mode keeps the primitives, whose
+        # rules stay sparse along non-particle axes.
+        softmax = jax.softmax_custom_jvp(True) if ctx is None else nullcontext()
+        with _jax.set_current_trace(trace), softmax:
             outs = fun(*in_tracers)
         triples = [trace.to_triple(o) for o in outs]
         del trace, in_tracers

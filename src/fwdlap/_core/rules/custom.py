@@ -84,5 +84,43 @@ def trace_jvp_rule(
     return jvp_fn, closed
 
 
+def softmax_rule(
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    jvp: Any,
+    symbolic_zeros: bool,
+) -> tuple[list[Any], list[Any], list[Any]] | None:
+    """Forward-Laplacian outputs of `jax.nn.softmax` from its own (linear) JVP rule.
+
+    With `g_k = J_y[k] / y = J_x[k] - <y, J_x[k]>` (the softmax axis' average) the
+    second derivative along `v_k` is `y (d2x - <y, d2x> + g_k^2 - <y, g_k^2>)`, so
+    the Laplacian is the JVP rule applied to `L_x + sum_k g_k^2`: two applications
+    of the first-order rule instead of differentiating it. Where `y` is zero (masked
+    or underflowed) `g` is taken as 0; its terms are multiplied by `y` anyway.
+    Returns None unless only the logits (the first argument) carry tangents.
+    """
+    if any(
+        not (is_zero(j) and is_zero(lp))
+        for j, lp in zip(jacobians[1:], laplacians[1:], strict=True)
+    ) or is_zero(jacobians[0]):
+        return None
+    jvp_fn, _ = trace_jvp_rule(primals, jacobians, laplacians, jvp, symbolic_zeros)
+    rest = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals[1:]]
+
+    def push(tangent: Any) -> tuple[Any, Any]:
+        outs, tangents = jvp_fn(primals, [tangent, *rest])
+        return outs[0], tangents[0]
+
+    y, _ = push(Zero(jax.typeof(primals[0]).to_tangent_aval()))
+    jac_y = jax.vmap(lambda t: push(t)[1])(jacobians[0])
+    safe_y = jax.numpy.where(y == 0, 1, y)
+    g = jax.numpy.where(y == 0, 0, jac_y / safe_y)
+    second = jax.numpy.sum(g * g, axis=0)
+    lap_x = laplacians[0]
+    _, lap_y = push(second if is_zero(lap_x) else lap_x + second)
+    return [y], [jac_y], [lap_y]
+
+
 def _is_float(x: Any) -> bool:
     return jax.numpy.issubdtype(jax.typeof(x).dtype, jax.numpy.inexact)

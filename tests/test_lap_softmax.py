@@ -1,0 +1,106 @@
+"""`jax.nn.softmax` through fwdlap: the dedicated rule of its custom_jvp.
+
+The dense trace runs the function with `jax_softmax_custom_jvp` on, so `softmax` is a
+custom_jvp call that `rules.custom.softmax_rule` handles with two applications of its
+own first-order rule. References: `reference_triple` (jax.jacfwd and the trace of
+jax.jacfwd(jax.jacfwd(f))), `jax.hessian` and `jax.jacfwd`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fwdlap
+from fwdlap._core.rules import custom
+from helpers import assert_matches_reference, hessian_trace_weighted, identity_jacobian
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=12))
+MASK = jnp.arange(12).reshape(3, 4) % 5 != 0
+
+
+def last_axis(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.sin(jax.nn.softmax(jnp.tanh(x.reshape(3, 4)) * 2.0)) ** 2)
+
+
+def first_axis(x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(x.reshape(3, 4) * x[0], axis=0)
+
+
+def both_axes(x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(jnp.cos(x).reshape(3, 4), axis=(0, 1))
+
+
+def masked(x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(x.reshape(3, 4) ** 2, axis=-1, where=MASK)
+
+
+def attention(x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x.reshape(4, 3))
+    weights = jax.nn.softmax(h @ h.T / np.sqrt(3.0), axis=-1)
+    return jnp.sum((weights @ h) ** 2)
+
+
+FUNCTIONS = [last_axis, first_axis, both_axes, masked, attention]
+
+
+def _lap(fun: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+    return fwdlap.lap(fun, (x,), (identity_jacobian(x),), (jnp.zeros_like(x),))
+
+
+@pytest.fixture
+def softmax_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the dedicated rule."""
+    calls: list[int] = []
+    rule = custom.softmax_rule
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(custom, "softmax_rule", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fun", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
+def test_matches_reference(fun: Any, softmax_rule_calls: list[int]) -> None:
+    assert_matches_reference(jax.jit(lambda x: _lap(fun, x))(X), fun, X)
+    assert softmax_rule_calls, "the dedicated rule was not used"
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_users_flag_is_left_as_it_was(flag: bool) -> None:
+    with jax.softmax_custom_jvp(flag):
+        assert_matches_reference(_lap(last_axis, X), last_axis, X)
+        assert jax.config.jax_softmax_custom_jvp is flag
+
+
+def test_input_laplacian_and_fewer_directions() -> None:
+    # Two directions and a non-zero input laplacian: sum_k v_k^T H v_k + J lap_in.
+    v = jnp.asarray(np.random.default_rng(1).normal(size=(2, 12)))
+    lap_in = jnp.asarray(np.random.default_rng(2).normal(size=12))
+    _, jac, lap = fwdlap.lap(attention, (X,), (v,), (lap_in,))
+    grad = jax.grad(attention)(X)
+    np.testing.assert_allclose(jac, v @ grad, rtol=1e-10)
+    want = hessian_trace_weighted(attention, X, v) + grad @ lap_in
+    np.testing.assert_allclose(lap, want, rtol=1e-9)
+
+
+def test_laplacian_transform_under_vmap() -> None:
+    xs = jnp.stack([X, 0.5 * X, -X])
+    got = jax.jit(jax.vmap(fwdlap.laplacian(attention)))(xs)
+    want = jax.vmap(lambda x: jnp.trace(jax.hessian(attention)(x)))(xs)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_sparse_mode_keeps_the_primitives(softmax_rule_calls: list[int]) -> None:
+    # Softmax over each particle's own features stays block-sparse as primitives.
+    def per_particle(x: jax.Array) -> jax.Array:
+        return jnp.sum(jax.nn.softmax(jnp.tanh(x.reshape(4, 3)), axis=-1) ** 3)
+
+    got = jax.jit(fwdlap.laplacian(per_particle, sparsity=True))(X)
+    np.testing.assert_allclose(got, jnp.trace(jax.hessian(per_particle)(X)), rtol=1e-9)
+    assert not softmax_rule_calls
