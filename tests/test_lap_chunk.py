@@ -241,10 +241,15 @@ def test_bad_chunk_size_raises(api: str, call: Any, bad: Any) -> None:
         call(bad)
 
 
-def test_lap_chunk_size_with_sparsity_points_to_laplacian() -> None:
-    with pytest.raises(ValueError, match="fwdlap.laplacian"):
-        fwdlap.lap(_f, (X,), (np.eye(N),), (None,), sparsity=True, chunk_size=6)
-    # "auto" (the default) means one sparse pass.
+def test_lap_chunk_size_with_sparsity_makes_windows() -> None:
+    # An int chunk_size bounds the dense jacobians of the sparse pass to windows of
+    # whole particles; the jacobian comes back with all its rows.
+    y = jnp.asarray(X)
+    got = fwdlap.lap(_f, (X,), (np.eye(N),), (None,), sparsity=True, chunk_size=6)
+    want_jac = jax.jacfwd(_f)(y)
+    np.testing.assert_allclose(got[1], want_jac, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got[2], jnp.trace(jax.hessian(_f)(y)), rtol=1e-12)
+    # "auto" (the default) means one sparse pass for a small function.
     small = lambda x: jnp.sum(jnp.tanh(x) ** 2 * x)  # noqa: E731
     got = fwdlap.lap(small, (X[:9],), (np.eye(9),), (None,), sparsity=True)[2]
     want = jnp.trace(jax.hessian(small)(jnp.asarray(X[:9])))
@@ -278,14 +283,27 @@ def _count(primitive: str, fun: Any, x: jax.Array) -> int:
     return jaxpr.count(f" {primitive}[") + jaxpr.count(f" {primitive} ")
 
 
-def test_sparse_auto_splits_mostly_dense_passes() -> None:
-    # After the softmax every value depends on every particle: the pass is mostly
-    # dense jacobians, so "auto" makes sparse passes of 8 particles (2 here), each
-    # computing the primal once.
+def _windows(fun: Any, x: jax.Array) -> int:
+    """The length of the top-level scan over window starts (1 without one)."""
+    jaxpr = jax.make_jaxpr(fun)(x).jaxpr
+    lengths = [
+        eqn.params["length"]
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
+    ]
+    return lengths[0] if lengths else 1
+
+
+def test_sparse_auto_windows_mostly_dense_passes() -> None:
+    # After the softmax every value depends on every particle: the dense jacobians
+    # are large, so "auto" evaluates them in windows of 8 particles (2 here), while
+    # the primal and the block-sparse jacobians are computed once.
     x = jnp.linspace(-1.0, 1.0, 3 * PARTICLES)
     auto = fwdlap.laplacian(_attention, sparsity=True)
     single = fwdlap.laplacian(_attention, sparsity=True, chunk_size=None)
-    assert _count("tanh", auto, x) == 2 * _count("tanh", single, x)
+    assert _windows(auto, x) == 2
+    assert _windows(single, x) == 1
+    assert _count("tanh", auto, x) == _count("tanh", single, x)
     np.testing.assert_allclose(
         jax.jit(auto)(x), jnp.trace(jax.hessian(_attention)(x)), rtol=1e-9
     )
@@ -295,6 +313,7 @@ def test_sparse_auto_keeps_sparse_passes_whole() -> None:
     x = jnp.linspace(-1.0, 1.0, 3 * PARTICLES)
     auto = fwdlap.laplacian(_per_particle, sparsity=True)
     single = fwdlap.laplacian(_per_particle, sparsity=True, chunk_size=None)
+    assert _windows(auto, x) == 1
     assert _count("tanh", auto, x) == _count("tanh", single, x)
     np.testing.assert_allclose(
         auto(x), jnp.trace(jax.hessian(_per_particle)(x)), rtol=1e-9
@@ -310,7 +329,7 @@ def test_sparse_auto_probe_reports_nothing_itself() -> None:
         jax.eval_shape(single, x)
     with fwdlap.record_densifications() as auto_passes:
         jax.eval_shape(fwdlap.laplacian(_attention, sparsity=True), x)
-    assert one_pass and len(auto_passes) <= 2 * len(one_pass)
+    assert one_pass and auto_passes == one_pass
 
     def custom(x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.linalg.solve(jnp.eye(3) + jnp.outer(x[:3], x[:3]), x[:3]))
@@ -321,17 +340,16 @@ def test_sparse_auto_probe_reports_nothing_itself() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dense", "total", "dim", "rows"),
+    ("dense", "dim", "rows"),
     [
-        (40 * 2**20, 60 * 2**20, 96, 24),  # mostly dense and large: 4 passes of 24
-        (40 * 2**20, 60 * 2**20, 60, 21),  # 20 particles in 3 passes of 7
-        (40 * 2**20, 100 * 2**20, 96, None),  # mostly sparse
-        (2**20, 2**20, 96, None),  # small
-        (40 * 2**20, 60 * 2**20, 45, None),  # under two passes' worth of directions
+        (40 * 2**20, 96, 24),  # large dense jacobians: 4 windows of 24
+        (40 * 2**20, 60, 21),  # 20 particles in 3 windows of 7
+        (2**20, 96, None),  # small
+        (40 * 2**20, 45, None),  # under two windows' worth of directions
     ],
 )
-def test_sparse_auto_rows(dense: int, total: int, dim: int, rows: Any) -> None:
-    assert _chunking.sparse_auto_rows(dense, total, dim, 3) == rows
+def test_sparse_auto_rows(dense: int, dim: int, rows: Any) -> None:
+    assert _chunking.sparse_auto_rows(dense, dim, 3) == rows
 
 
 def test_lap_filter_uses_auto_blocks() -> None:

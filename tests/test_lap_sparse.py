@@ -1164,14 +1164,25 @@ def test_sparsity_excludes_other_options() -> None:
 
 
 def count_passes(fun: Fun, x: jax.Array, **kwargs: Any) -> int:
-    """How many sparse passes `laplacian` makes: each densifies `soft_norm` once."""
+    """How many windows `laplacian` evaluates the dense jacobians in.
+
+    The windows are the length of a top-level `scan` over int32 window starts; one
+    window has no such scan. The sparse part is traced (and densifies) once.
+    """
 
     def summed(y: jax.Array) -> jax.Array:
         return jnp.sum(per_particle_custom_jvp(y)) + fun(y)
 
     with fwdlap.record_densifications() as events:
-        jax.eval_shape(fwdlap.laplacian(summed, **kwargs), x)
-    return sum(e.primitive == "soft_norm" for e in events)
+        jaxpr = jax.make_jaxpr(fwdlap.laplacian(summed, **kwargs))(x).jaxpr
+    assert sum(e.primitive == "soft_norm" for e in events) == 1
+    lengths = [
+        eqn.params["length"]
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
+    ]
+    assert len(lengths) <= 1
+    return lengths[0] if lengths else 1
 
 
 ROUNDING = [(1, N), (3, N), (4, N), (6, 2), (7, 2), (11, 2), (12, 1), (99, 1)]
@@ -1179,16 +1190,16 @@ ROUNDING = [(1, N), (3, N), (4, N), (6, 2), (7, 2), (11, 2), (12, 1), (99, 1)]
 
 @pytest.mark.parametrize(("chunk_size", "passes"), ROUNDING)
 def test_chunk_size_rounds_to_whole_particles(chunk_size: int, passes: int) -> None:
-    # 12 coordinates in blocks of 3: a pass holds chunk_size // 3 particles (at least
-    # one), so every particle's coordinates stay in one pass.
+    # 12 coordinates in blocks of 3: a window holds chunk_size // 3 particles (at
+    # least one), so every particle's coordinates stay in one window.
     x = jnp.asarray(X)
     got = count_passes(_sq, x, sparsity=True, chunk_size=chunk_size)
     assert got == passes
 
 
 def test_chunk_size_with_block_size_one() -> None:
-    # Blocks of 1: 12 coordinates make passes of 5, 5 and 2 directions; 10 make
-    # passes of 4, 4 and 2 in the check against the reference.
+    # Blocks of 1: 12 coordinates make windows of 5, 5 and 2 directions; 10 make
+    # windows of 4, 4 and 2 in the check against the reference.
     assert count_passes(_sq, jnp.asarray(X), sparsity=wide(1), chunk_size=5) == 3
     x = jnp.asarray(X[:10])
     settings = fwdlap.Sparsity(block_size=1)

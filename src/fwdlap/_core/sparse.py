@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _jax
+from .zeros import is_zero as _is_zero
 
 logger = logging.getLogger("fwdlap.sparse")
 
@@ -111,6 +112,64 @@ def muted() -> Iterator[None]:
         _muted.reset(token)
 
 
+class WindowUnsupported(Exception):
+    """Raised while tracing a windowed sparse pass that cannot be windowed.
+
+    The caller falls back to whole sparse passes per window (see `Window`).
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The blocks of directions that the dense jacobians of one windowed pass hold.
+
+    A windowed sparse pass keeps its block-sparse jacobians whole (they do not depend
+    on the window) and gives every dense jacobian only the rows of blocks `start` to
+    `start + blocks`. The passes of all windows share one program: `start` is a
+    traced integer, so the sparse work is done once and only the dense work repeats.
+
+    Laplacians are split the same way: a dense value's laplacian holds the terms of
+    its window's directions, a sparse value's holds all of them. Where a sparse value
+    turns dense, its laplacian goes to the window with `start == 0` only
+    (`SparseContext.window_laplacian`), so that summing over windows counts it once.
+    """
+
+    start: Any
+    blocks: int
+
+    def inside(self, x: Any) -> Any:
+        """`x`, computed inside the loop over windows rather than before it.
+
+        Partial evaluation computes everything that does not depend on the window
+        once, before the loop, and hands it in: a broadcast of such a value (in
+        `jnp.where`, say) would be handed in at its full size. Adding a zero that
+        depends on the window keeps the broadcast in the loop, fused with its use.
+        """
+        return x + (self.start < 0).astype(jnp.result_type(x))
+
+
+_held: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "fwdlap_densifications_held", default=None
+)
+
+
+@contextlib.contextmanager
+def held_reports() -> Iterator[None]:
+    """Report the block's densifications only if it finishes without an exception.
+
+    A windowed pass that turns out impossible is traced again as one pass, which
+    reports the same densifications.
+    """
+    held: list[Any] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+    for ctx, event in held:  # not reached when the block raised
+        ctx._emit(event)  # pyright: ignore[reportPrivateUsage]
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseContext:
     """The sparse mode of one `lap` call, resolved against its number of directions."""
@@ -119,10 +178,38 @@ class SparseContext:
     num_blocks: int
     max_blocks: int
     on_densify: str
+    window: Window | None = None
 
     @property
     def n(self) -> int:
         return self.block_size * self.num_blocks
+
+    @property
+    def rows(self) -> int:
+        """Rows of a dense jacobian: `n`, or the window's directions."""
+        if self.window is None:
+            return self.n
+        return self.block_size * self.window.blocks
+
+    def densify(self, sj: "SparseJac", axes: Sequence[int] = ()) -> Any:
+        """`sj` as a dense jacobian of `rows` rows, summed over value `axes`."""
+        return densify(sj, self.num_blocks, axes, self.window)
+
+    def window_laplacian(self, lap: Any) -> Any:
+        """The laplacian of a value that turns dense, for this pass's window."""
+        if self.window is None or _is_zero(lap):
+            return lap
+        first = self.window.start == 0
+        return jnp.where(first, lap, jnp.zeros_like(lap))
+
+    def densified_laplacians(
+        self, jacs: Sequence[Any], laps: Sequence[Any]
+    ) -> list[Any]:
+        """`laps`, with those of the sparse `jacs` (being made dense) windowed."""
+        return [
+            self.window_laplacian(lp) if is_sparse(j) else lp
+            for j, lp in zip(jacs, laps, strict=True)
+        ]
 
     def densified(
         self, primitive: Any, cause: str, reason: str, shape: Any, blocks: int = 0
@@ -138,11 +225,18 @@ class SparseContext:
             blocks=int(blocks),
             source=_jax.user_source_line(),
         )
+        held = _held.get()
+        if held is not None:
+            held.append((self, event))
+            return
+        self._emit(event)
+
+    def _emit(self, event: Densification) -> None:
         for events in _recorders.get():
             events.append(event)
         if self.on_densify != "ignore":
             logger.debug("%s", event)
-        if cause != "rule":
+        if event.cause != "rule":
             return
         if self.on_densify == "warn":
             warnings.warn(
@@ -341,29 +435,56 @@ def align(sj: SparseJac, target: np.ndarray) -> Any:
     return jnp.stack(rows).reshape(target.shape[0] * b, *shape)
 
 
-def densify(sj: SparseJac, num_blocks: int, axes: Sequence[int] = ()) -> Any:
+def _one_hot(idx: np.ndarray, num_blocks: int, window: Window | None) -> Any:
+    """`(blocks, *S')`: whether each element's slot holds each block (or None).
+
+    `S'` is `S` with the axes along which `idx` is constant shrunk to 1. With a
+    window the blocks are the window's, compared at run time (the window's start is
+    traced); without, all `num_blocks`, as a NumPy constant, None if none occurs.
+    """
+    idx = compress(idx)
+    ndim = idx.ndim
+    if window is None:
+        blocks = np.arange(num_blocks).reshape(num_blocks, *([1] * ndim))
+        onehot = compress(idx[None] == blocks)
+        return onehot if onehot.any() else None
+    if not (idx >= 0).any():
+        return None
+    shape = (window.blocks, *([1] * ndim))
+    blocks = window.start + jnp.arange(window.blocks, dtype=jnp.int32).reshape(shape)
+    # Blocks past the last one (a padded final window) match no slot.
+    return jnp.asarray(idx, jnp.int32)[None] == blocks
+
+
+def densify(
+    sj: SparseJac,
+    num_blocks: int,
+    axes: Sequence[int] = (),
+    window: Window | None = None,
+) -> Any:
     """The dense jacobian `(num_blocks * block_size, *S)`, summed over value `axes`.
 
     Each slot scatters into the dense layout through a one-hot matrix of its block
     indices, as one einsum: a slot whose blocks vary along a summed axis becomes a
     matrix product (a sum over particles, say), one constant along it is summed first.
+    With a `window`, only its blocks' rows are made.
     """
     b, shape = sj.block_size, sj.shape
     axes = sorted(set(axes))
     out_axes = [a for a in range(len(shape)) if a not in axes]
     letters = "abcdefghijklmnopqrstuvwx"[: len(shape)]
     slots = _slots(sj)
-    blocks = np.arange(num_blocks).reshape(num_blocks, *([1] * len(shape)))
+    out_blocks = num_blocks if window is None else window.blocks
     out_spec = "yz" + "".join(letters[a] for a in out_axes)
     out = None
     for t in range(sj.k):
-        onehot = compress(sj.idx[t][None] == blocks)
-        if not onehot.any():
+        onehot = _one_hot(sj.idx[t], num_blocks, window)
+        if onehot is None:
             continue
         keep = [a for a in range(len(shape)) if onehot.shape[a + 1] > 1]
         if any(a in axes for a in keep):
             # The block varies along a summed axis: a matrix product with the one-hot.
-            onehot = onehot.reshape(num_blocks, *[shape[a] for a in keep])
+            onehot = onehot.reshape(out_blocks, *[shape[a] for a in keep])
             spec = f"z{letters},y{''.join(letters[a] for a in keep)}->{out_spec}"
             term = jnp.einsum(
                 spec,
@@ -374,13 +495,17 @@ def densify(sj: SparseJac, num_blocks: int, axes: Sequence[int] = ()) -> Any:
         else:
             # Sum first, then place: a select that XLA fuses with its consumer.
             summed = jnp.sum(slots[t], axis=tuple(a + 1 for a in axes))
-            mask = np.squeeze(onehot, axis=tuple(a + 1 for a in axes))
+            mask = onehot.reshape(
+                onehot.shape[0], *[onehot.shape[a + 1] for a in out_axes]
+            )
+            if window is not None:
+                summed = window.inside(summed)
             term = jnp.where(mask[:, None], summed[None], 0)
         out = term if out is None else out + term
     out_shape = tuple(shape[a] for a in out_axes)
     if out is None:
-        return jnp.zeros((num_blocks * b, *out_shape), sj.data.dtype)
-    return out.reshape(num_blocks * b, *out_shape)
+        return jnp.zeros((out_blocks * b, *out_shape), sj.data.dtype)
+    return out.reshape(out_blocks * b, *out_shape)
 
 
 def from_dense_concrete(
@@ -410,7 +535,7 @@ class SparseSpec:
     threshold: int | None = None
     on_densify: str = "log"
 
-    def resolve(self, n: int) -> SparseContext:
+    def resolve(self, n: int, window: Window | None = None) -> SparseContext:
         block_size = self.block_size
         if block_size is None:
             block_size = 3 if n % 3 == 0 else 1
@@ -426,7 +551,9 @@ class SparseSpec:
             max_blocks = max(1, num_blocks // 2)
         else:
             max_blocks = max(1, self.threshold // block_size)
-        return SparseContext(block_size, num_blocks, max_blocks, self.on_densify)
+        return SparseContext(
+            block_size, num_blocks, max_blocks, self.on_densify, window
+        )
 
 
 def sparsify_input(ctx: SparseContext, index: int, primal: Any, jac: Any) -> Any:

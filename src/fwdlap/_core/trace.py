@@ -10,7 +10,6 @@ The structure follows JAX's own `JVPTrace` (`jax/_src/interpreters/ad.py`).
 
 import functools
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -103,11 +102,14 @@ class LapTrace(_jax.Trace):
                 with _jax.set_current_trace(self):
                     outs = _jax.eval_jaxpr(closed.jaxpr, closed.consts, *args)
                 return outs if primitive.multiple_results else outs[0]
-            sparse_out, jacs = self._process_sparse(
+            sparse_out, dense_jacs = self._process_sparse(
                 primitive, primals, jacs, laps, params
             )
             if sparse_out is not None:
                 return sparse_out
+            with _jax.set_current_trace(self.parent_trace):
+                laps = self.sparse.densified_laplacians(jacs, laps)
+            jacs = dense_jacs
         trace_rule = registry.trace_rules.get(primitive)
         with _jax.set_current_trace(self.parent_trace):
             if trace_rule is not None:
@@ -142,10 +144,7 @@ class LapTrace(_jax.Trace):
             outs, jac_outs, lap_outs = result
             if not primitive.multiple_results:
                 outs, jac_outs, lap_outs = [outs], [jac_outs], [lap_outs]
-            jac_outs = [
-                sparse_rules.finish(ctx, primitive, o, j)
-                for o, j in zip(outs, jac_outs, strict=True)
-            ]
+            jac_outs, lap_outs = _finish_all(ctx, primitive, outs, jac_outs, lap_outs)
         tracers = [
             maybe_lap_tracer(self, p, j, lp)
             for p, j, lp in zip(outs, jac_outs, lap_outs, strict=True)
@@ -171,6 +170,11 @@ class LapTrace(_jax.Trace):
         )
 
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
+            if _is_softmax(fun):
+                # Its primitives have sparse rules (a softmax over one particle's
+                # features stays sparse); a dense input gets `softmax_rule` below.
+                with _jax.set_current_trace(self):
+                    return fun.call_wrapped(*tracers)
             outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
             if outs is None and registry.find_custom_jvp_rule(fun) is None:
                 outs = self._traced_custom_jvp(
@@ -188,6 +192,8 @@ class LapTrace(_jax.Trace):
             else:
                 reason = "a custom_jvp function with a rule for dense jacobians only"
                 cause = "rule"
+            with _jax.set_current_trace(self.parent_trace):
+                laps = self.sparse.densified_laplacians(jacs, laps)
             jacs = self._densify_all(_custom_jvp_name(fun), jacs, reason, cause)
         with _jax.set_current_trace(self.parent_trace):
             # A rule registered for this custom_jvp function (fwdlap.register_rule),
@@ -222,9 +228,12 @@ class LapTrace(_jax.Trace):
         with _jax.set_current_trace(self.parent_trace):
             jvp_fn, closed = trace_jvp_rule(primals, jacs, laps, jvp, zeros)
             shapes = {j.shape for j in jacs if is_sparse(j)}
+            has_dense = any(not is_zero(j) and not is_sparse(j) for j in jacs)
             aligned: Any = None
-            if len(shapes) == 1 and sparse_rules.is_elementwise_jaxpr(
-                closed.jaxpr, shapes.pop()
+            if (
+                len(shapes) == 1
+                and not has_dense
+                and sparse_rules.is_elementwise_jaxpr(closed.jaxpr, shapes.pop())
             ):
                 aligned = sparse_rules.align_slots(ctx, name, primals, jacs)
             if aligned is None or isinstance(aligned, sparse_rules.Fallback):
@@ -232,15 +241,12 @@ class LapTrace(_jax.Trace):
                     reason = "a custom_jvp function whose JVP rule is not elementwise"
                     aligned = sparse_rules.Fallback("rule", reason)
                 dense = sparse_rules.densify_operands(ctx, name, jacs, aligned)
+                laps = ctx.densified_laplacians(jacs, laps)
                 return laplacian_from_jvp(jvp_fn, primals, dense, laps)
             rows, target = aligned
             outs, jac_outs, lap_outs = laplacian_from_jvp(jvp_fn, primals, rows, laps)
-            jac_outs = [
-                sparse_rules_finish(
-                    ctx, name, o, sparse_rules.wrap(j, target, ctx.block_size)
-                )
-                for o, j in zip(outs, jac_outs, strict=True)
-            ]
+            jac_outs = [sparse_rules.wrap(j, target, ctx.block_size) for j in jac_outs]
+            jac_outs, lap_outs = _finish_all(ctx, name, outs, jac_outs, lap_outs)
         return outs, jac_outs, lap_outs
 
     def _sparse_custom_jvp(self, fun: Any, primals: Any, jacs: Any, laps: Any) -> Any:
@@ -256,10 +262,9 @@ class LapTrace(_jax.Trace):
             if result is NotImplemented:
                 return None
             outs, jac_outs, lap_outs = (list(r) for r in result)
-            jac_outs = [
-                sparse_rules_finish(ctx, _custom_jvp_name(fun), o, j)
-                for o, j in zip(outs, jac_outs, strict=True)
-            ]
+            jac_outs, lap_outs = _finish_all(
+                ctx, _custom_jvp_name(fun), outs, jac_outs, lap_outs
+            )
         return outs, jac_outs, lap_outs
 
     def process_custom_vjp_call(
@@ -293,10 +298,17 @@ class LapTrace(_jax.Trace):
         )
 
 
-def sparse_rules_finish(ctx: SparseContext, what: Any, out: Any, jac: Any) -> Any:
+def _finish_all(
+    ctx: SparseContext, what: Any, outs: Any, jacs: Any, laps: Any
+) -> tuple[list[Any], list[Any]]:
+    """`sparse_rules.finish` over a sparse rule's outputs: `(jacobians, laplacians)`."""
     from .rules import sparse_rules
 
-    return sparse_rules.finish(ctx, what, out, jac)
+    pairs = [
+        sparse_rules.finish(ctx, what, o, j, lp)
+        for o, j, lp in zip(outs, jacs, laps, strict=True)
+    ]
+    return [j for j, _ in pairs], [lp for _, lp in pairs]
 
 
 def _is_softmax(fun: Any) -> bool:
@@ -376,18 +388,22 @@ def lap_flat(
     laplacians: Sequence[Any],
     n: int,
     sparsity: sparse.SparseSpec | None = None,
+    window: sparse.Window | None = None,
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """Forward Laplacian of a function of flat arguments returning a flat list.
 
     Tangent outputs may be symbolic zeros; the caller decides what to instantiate.
     With `sparsity`, jacobians whose values are known while tracing are carried
-    block-sparse (`sparse.SparseJac`) and come back dense.
+    block-sparse (`sparse.SparseJac`) and come back dense. With a `window` as well,
+    the dense jacobians (outputs included) hold only the window's rows and the
+    laplacians only their part of the sum (see `sparse.Window`).
     """
-    ctx = None if sparsity is None else sparsity.resolve(n)
+    ctx = None if sparsity is None else sparsity.resolve(n, window)
+    rows = n if ctx is None else ctx.rows
     with _jax.take_current_trace() as parent:
-        trace = LapTrace(parent, _jax.TraceTag(), n, ctx)
+        trace = LapTrace(parent, _jax.TraceTag(), rows, ctx)
         jacobians = [
-            _normalize(p, j, zero_jacobian(p, n))
+            _normalize(p, j, zero_jacobian(p, rows))
             for p, j in zip(primals, jacobians, strict=True)
         ]
         if ctx is not None:
@@ -395,6 +411,10 @@ def lap_flat(
                 j if is_zero(j) else sparse.sparsify_input(ctx, i, p, j)
                 for i, (p, j) in enumerate(zip(primals, jacobians, strict=True))
             ]
+            if window is not None and not all(
+                is_zero(j) or is_sparse(j) for j in jacobians
+            ):
+                raise sparse.WindowUnsupported("an input jacobian is dense")
         jacobians = [
             jax.numpy.asarray(j) if isinstance(j, np.ndarray) else j for j in jacobians
         ]
@@ -407,19 +427,24 @@ def lap_flat(
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)
         ]
         # `jax.nn.softmax` as its custom_jvp (the flag JAX means to make the default),
-        # for `rules.custom.softmax_rule`; the sparse mode keeps the primitives, whose
-        # rules stay sparse along non-particle axes.
-        softmax = jax.softmax_custom_jvp(True) if ctx is None else nullcontext()
-        with _jax.set_current_trace(trace), softmax:
+        # for `rules.custom.softmax_rule`; the sparse mode inlines it where its input
+        # is block-sparse, whose primitives' rules keep it so.
+        with _jax.set_current_trace(trace), jax.softmax_custom_jvp(True):
             outs = fun(*in_tracers)
         triples = [trace.to_triple(o) for o in outs]
         del trace, in_tracers
     if ctx is not None:
-        triples = [
-            (p, sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j, lp)
-            for p, j, lp in triples
-        ]
+        triples = [_dense_output(ctx, p, j, lp) for p, j, lp in triples]
     return unzip3(triples)
+
+
+def _dense_output(ctx: SparseContext, primal: Any, jac: Any, lap: Any) -> Triple:
+    """An output of a sparse pass with its jacobian dense (of the window's rows)."""
+    if is_sparse(jac):
+        return primal, ctx.densify(jac), ctx.window_laplacian(lap)
+    if is_zero(jac):
+        return primal, jac, ctx.window_laplacian(lap)
+    return primal, jac, lap
 
 
 def lap_flat_layouts(
@@ -436,7 +461,7 @@ def lap_flat_layouts(
     loop bodies and cond branches with it.
     """
     with _jax.take_current_trace() as parent:
-        trace = LapTrace(parent, _jax.TraceTag(), ctx.n, ctx)
+        trace = LapTrace(parent, _jax.TraceTag(), ctx.rows, ctx)
         in_tracers = [
             maybe_lap_tracer(trace, p, j, lp)
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)

@@ -26,6 +26,8 @@ import numpy as np
 from jax import lax
 
 from .._core import _jax, lap_flat, lap_partial_flat
+from .._core.sparse import SparseSpec, WindowUnsupported, logger, muted
+from .._core.windowed import lap_flat_windowed
 from .._core.zeros import is_zero, zero_jacobian, zero_laplacian
 
 ChunkSize = int | Literal["auto"] | None
@@ -44,7 +46,7 @@ AUTO_MIN_BYTES = 6 * 2**20
 """Estimated jacobian bytes per call past which `"auto"` evaluates in blocks."""
 
 SPARSE_AUTO_ROWS = 24
-"""Directions per sparse pass under `"auto"` (8 particles of 3 coordinates)."""
+"""Directions per window of a sparse pass under `"auto"` (8 particles of 3)."""
 
 
 def check_chunk_size(api: str, chunk_size: Any) -> ChunkSize:
@@ -117,21 +119,77 @@ def sparse_pass_bytes(
     return _intermediate_bytes(jaxpr, rows=n), _intermediate_bytes(jaxpr)
 
 
-def sparse_auto_rows(dense: int, total: int, dim: int, block: int) -> int | None:
-    """Directions per sparse pass under `chunk_size="auto"`, or None for one pass.
+def sparse_auto_rows(dense: int, dim: int, block: int) -> int | None:
+    """Directions per window of a sparse pass under `"auto"`, or None for one window.
 
-    Passes of whole particles pay where most of a sparse pass is dense jacobians
-    (attention mixes every particle into every value) and those are large; where the
-    pass stays mostly sparse, extra passes only repeat the primal and sparse work.
-    Passes are balanced around `SPARSE_AUTO_ROWS` directions.
+    The block-sparse jacobians are evaluated once whatever the window; windows only
+    bound the dense ones (those of values that depend on most particles). They pay
+    once those are large, and are balanced around `SPARSE_AUTO_ROWS` directions of
+    whole particles.
     """
     if dim < 2 * SPARSE_AUTO_ROWS or jax.default_backend() != "cpu":
         return None
-    if dense < AUTO_MIN_BYTES or 2 * dense < total:
+    if dense < AUTO_MIN_BYTES:
         return None
     particles = dim // block
-    passes = -(-dim // SPARSE_AUTO_ROWS)
-    return -(-particles // passes) * block
+    windows = -(-dim // SPARSE_AUTO_ROWS)
+    return -(-particles // windows) * block
+
+
+def sparse_rows(
+    chunk_size: ChunkSize,
+    fun: Callable[..., Sequence[Any]],
+    args: tuple[Sequence[Any], Sequence[Any], Sequence[Any]],
+    n: int,
+    spec: SparseSpec,
+) -> int | None:
+    """Directions per window of a sparse pass, or None for one window.
+
+    An int is rounded down to whole blocks (at least one), so that each particle's
+    coordinates share a window. `"auto"` traces the single pass once (quietly: its
+    densifications are reported by the real pass) to size its dense jacobians.
+    """
+    if chunk_size is None:
+        return None
+    block = spec.resolve(n).block_size
+    if chunk_size != AUTO:
+        rows = max(block, chunk_size // block * block)
+        return None if rows >= n else rows
+    if n < 2 * SPARSE_AUTO_ROWS or jax.default_backend() != "cpu":
+        return None
+    primals, jacobians, laplacians = args
+
+    def single_pass(*ps: Any) -> Any:
+        return lap_flat(fun, list(ps), jacobians, laplacians, n, spec)[1]
+
+    with muted():
+        dense, _ = sparse_pass_bytes(single_pass, primals, n)
+    return sparse_auto_rows(dense, n, block)
+
+
+def lap_flat_sparse(
+    fun: Callable[..., Sequence[Any]],
+    primals: Sequence[Any],
+    jacobians: Sequence[Any],
+    laplacians: Sequence[Any],
+    n: int,
+    spec: SparseSpec,
+    chunk_size: ChunkSize,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The sparse `lap_flat`, its dense jacobians in windows as `chunk_size` says.
+
+    Where a pass cannot be windowed (a loop whose carry is block-sparse, an input
+    jacobian that is not), it is made whole; the result is the same.
+    """
+    args = (primals, jacobians, laplacians)
+    rows = sparse_rows(chunk_size, fun, args, n, spec)
+    if rows is not None:
+        blocks = rows // spec.resolve(n).block_size
+        try:
+            return lap_flat_windowed(fun, *args, n, spec, blocks)
+        except WindowUnsupported as why:
+            logger.debug("fwdlap sparse mode: one pass, not windows: %s", why)
+    return lap_flat(fun, *args, n, spec)
 
 
 def _spec(p: Any) -> jax.ShapeDtypeStruct:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from .._core import lap_flat, lap_partial_flat
+from .._core import lap_partial_flat
 from .._core.zeros import Zero
 from . import _checks, _chunking, _sparsity
 from ._checks import Jacobians, Laplacians, OutTree, Primals
@@ -156,13 +156,6 @@ def lap(
     """
     spec = _sparsity.to_spec(_LAP, sparsity)
     chunk_size = _chunking.check_chunk_size(_LAP, chunk_size)
-    if spec is not None and isinstance(chunk_size, int):
-        raise ValueError(
-            f"{_LAP}: `chunk_size={chunk_size}` cannot be combined with `sparsity`, "
-            "whose zero patterns are read from the whole jacobian. Use "
-            "fwdlap.laplacian(fun, sparsity=..., chunk_size=...), which splits the "
-            "identity into sparse passes of whole particles."
-        )
     checked = _checks.check_inputs(
         _LAP, fun, primals, jacobians, laplacians, filtered=False
     )
@@ -174,7 +167,9 @@ def lap(
             flat_fun, *args, checked.n, chunk_size
         )
     else:
-        outs, jacs, laps = lap_flat(flat_fun, *args, checked.n, spec)
+        outs, jacs, laps = _chunking.lap_flat_sparse(
+            flat_fun, *args, checked.n, spec, chunk_size
+        )
     avals = [jax.typeof(o) for o in outs]
     jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]
     laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=True)]

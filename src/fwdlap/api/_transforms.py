@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._core import sparse as _sparse_core
 from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from . import _chunking
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
-from ._sparsity import OnDensify, Sparsity, to_spec
+from ._sparsity import Sparsity, to_spec
 
 _LAPLACIAN = "fwdlap.laplacian"
 _VGL = "fwdlap.value_grad_and_laplacian"
@@ -317,12 +316,7 @@ def _evaluate(
     """
     dim, dtype = arg.dim, arg.dtype
     if sparsity is not None:  # identity seeds only (checked by the callers)
-        rows = (
-            _sparse_auto_rows(f_x, arg, sparsity)
-            if chunk_size == _chunking.AUTO
-            else chunk_size
-        )
-        return _evaluate_sparse(f_x, arg, rows, want_jacobian, sparsity)
+        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity)
 
     most = max(g.num for g in groups)
     block = _chunking.resolve_chunk_size(chunk_size, f_x, (arg.tree,), most)
@@ -378,79 +372,28 @@ def _evaluate(
     return out, total, jacobian
 
 
-def _sparse_chunks(
-    dim: int, chunk_size: int | None, sparsity: Any
-) -> tuple[list[tuple[int, int]], Any]:
-    """Row ranges of the identity for the sparse passes, and the sparsity of each.
-
-    A block of directions must hold whole particle blocks, so that every pass sees
-    each particle's coordinates together: `chunk_size` is rounded down to a multiple
-    of the block size (at least one block). Each pass gets that block size explicitly,
-    as its own row count need not be a multiple of 3.
-    """
-    if chunk_size is None or chunk_size >= dim:
-        return [(0, dim)], sparsity
-    spec = to_spec(_LAPLACIAN, sparsity)
-    assert spec is not None
-    block = spec.resolve(dim).block_size
-    rows = max(block, chunk_size // block * block)
-    per_pass = Sparsity(block, spec.threshold, cast(OnDensify, spec.on_densify))
-    return [(s, min(s + rows, dim)) for s in range(0, dim, rows)], per_pass
-
-
-def _sparse_auto_rows(f_x: Callable[[Any], Any], arg: _Argument, sparsity: Any) -> Any:
-    """`chunk_size="auto"` in the sparse mode: passes of whole particles, or None.
-
-    The single sparse pass is traced to a jaxpr (quietly: its densifications are
-    reported by the real pass) to see how much of it is dense jacobians.
-    """
-    spec = to_spec(_LAPLACIAN, sparsity)
-    assert spec is not None
-    block = spec.resolve(arg.dim).block_size
-
-    def single_pass(tree: Any) -> Any:
-        jac = _split_rows(np.eye(arg.dim, dtype=np.dtype(arg.dtype)), arg)
-        return _lap_fn(
-            f_x, (tree,), (jac,), (_zero_laplacians(arg),), sparsity=sparsity
-        )[2]
-
-    with _sparse_core.muted():
-        dense, total = _chunking.sparse_pass_bytes(single_pass, (arg.tree,), arg.dim)
-    return _chunking.sparse_auto_rows(dense, total, arg.dim, block)
-
-
 def _evaluate_sparse(
     f_x: Callable[[Any], Any],
     arg: _Argument,
-    chunk_size: int | None,
+    chunk_size: "_chunking.ChunkSize",
     want_jacobian: bool,
     sparsity: Any,
 ) -> tuple[Any, Any, Any]:
     """`_evaluate` for the unit vectors in the block-sparse mode.
 
-    The sparse layout is fixed while tracing from the identity's zero pattern, so the
-    blocks of directions cannot share one loop body (each block's pattern differs):
-    they are separate passes, unrolled, each repeating the primal computation.
+    One sparse pass, whose dense jacobians `lap` evaluates in windows of whole
+    particles as `chunk_size` says (the block-sparse ones once).
     """
     eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
-    zero_laps = _zero_laplacians(arg)
-    ranges, per_pass = _sparse_chunks(arg.dim, chunk_size, sparsity)
-    out: Any = None
-    total: Any = None
-    pieces: list[Any] = []
-    for start, stop in ranges:
-        jac = _split_rows(eye[start:stop], arg)
-        out, jac_out, lap_out = _lap_fn(
-            f_x, (arg.tree,), (jac,), (zero_laps,), sparsity=per_pass
-        )
-        total = lap_out if total is None else _add(total, lap_out)
-        pieces.append(jac_out)
-    if not want_jacobian:
-        return out, total, None
-    if len(pieces) == 1:
-        return out, total, pieces[0]
-    rows = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *pieces)
-    return out, total, rows
+    out, rows, total = _lap_fn(
+        f_x,
+        (arg.tree,),
+        (_split_rows(eye, arg),),
+        (_zero_laplacians(arg),),
+        sparsity=sparsity,
+        chunk_size=chunk_size,
+    )
+    return out, total, rows if want_jacobian else None
 
 
 def _sum_blocks(stacked: Any) -> Any:

@@ -184,7 +184,7 @@ def _sparse_log_abs_det(ctx: Any, primals, jacobians, laplacians):
     lap_log: Any = zero_laplacian(logdet) if second is None else -second
     if not is_zero(la):
         lap_log = add(lap_log, jnp.einsum("...ij,...ji->...", inverse, la))
-    return ctx.n, sign, logdet, jac_log, lap_log
+    return ctx.rows, sign, logdet, jac_log, lap_log
 
 
 def _sum_last_axis(ctx: Any, sj: Any) -> Any:
@@ -202,7 +202,7 @@ def _sum_last_axis(ctx: Any, sj: Any) -> Any:
             sj.shape[:-1],
             blocks,
         )
-        return sparse.densify(sj, ctx.num_blocks, (axis,))
+        return ctx.densify(sj, (axis,))
     data = jnp.sum(sparse.align(sj, target), axis=-1)
     return sparse.SparseJac(data, target[..., 0], sj.block_size)
 

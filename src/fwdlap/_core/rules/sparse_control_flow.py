@@ -62,7 +62,7 @@ def _same(a: Layout, b: Layout) -> bool:
 
 
 def _rows(ctx: SparseContext, layout: Layout) -> int:
-    return ctx.n if isinstance(layout, str) else layout.shape[0] * ctx.block_size
+    return ctx.rows if isinstance(layout, str) else layout.shape[0] * ctx.block_size
 
 
 def _data_aval(ctx: SparseContext, aval: Any, layout: Layout) -> Any:
@@ -70,12 +70,18 @@ def _data_aval(ctx: SparseContext, aval: Any, layout: Layout) -> Any:
     return tangent.update(shape=(_rows(ctx, layout), *tangent.shape))
 
 
+def _not_windowed(ctx: SparseContext, primitive: Any) -> None:
+    # A loop body that turns a carry dense would need the window's start inside it.
+    if ctx.window is not None:
+        raise sparse.WindowUnsupported(f"{primitive} has block-sparse operands")
+
+
 def to_layout(ctx: SparseContext, jac: Any, primal: Any, layout: Layout) -> Any:
     """The data of `jac` in `layout`, which holds it (the fixpoint makes sure)."""
     if isinstance(layout, str):
         if is_sparse(jac):
-            return sparse.densify(jac, ctx.num_blocks)
-        return instantiate(zero_jacobian(primal, ctx.n)) if is_zero(jac) else jac
+            return ctx.densify(jac)
+        return instantiate(zero_jacobian(primal, ctx.rows)) if is_zero(jac) else jac
     if is_sparse(jac):
         return sparse.align(jac, layout)
     assert is_zero(jac), "a dense jacobian cannot take a block-sparse layout"
@@ -84,7 +90,7 @@ def to_layout(ctx: SparseContext, jac: Any, primal: Any, layout: Layout) -> Any:
 
 def from_layout(ctx: SparseContext, data: Any, primal: Any, layout: Layout) -> Any:
     if layout is None:
-        return zero_jacobian(primal, ctx.n)
+        return zero_jacobian(primal, ctx.rows)
     if isinstance(layout, str):
         return data
     return SparseJac(data, layout, ctx.block_size)
@@ -121,7 +127,7 @@ def trace_body(
         primals = list(args[: len(in_avals)])
         rest = iter(args[len(in_avals) :])
         jacs = [
-            zero_jacobian(p, ctx.n)
+            zero_jacobian(p, ctx.rows)
             if lo is None
             else from_layout(ctx, next(rest), p, lo)
             for p, lo in zip(primals, in_layouts, strict=True)
@@ -256,6 +262,7 @@ def _tangent_args(
 
 
 def scan_rule(ctx, primitive, primals, jacs, laps, params):
+    _not_windowed(ctx, primitive)
     nc, nk = params["num_consts"], params["num_carry"]
     body, length = params["jaxpr"], params["length"]
 
@@ -324,7 +331,7 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
     y_out = ys_data[:num_ys]
     y_rest = iter(ys_data[num_ys:])
     y_jac = [
-        zero_jacobian(y, ctx.n)
+        zero_jacobian(y, ctx.rows)
         if lo is None
         else from_layout(ctx, jnp.moveaxis(next(y_rest), 0, 1), y, _stacked(lo, length))
         for y, lo in zip(y_out, ys_lo, strict=True)
@@ -346,7 +353,9 @@ def _unpack(
     primals = list(outs[:num])
     rest = iter(outs[num:])
     jac = [
-        zero_jacobian(p, ctx.n) if lo is None else from_layout(ctx, next(rest), p, lo)
+        zero_jacobian(p, ctx.rows)
+        if lo is None
+        else from_layout(ctx, next(rest), p, lo)
         for p, lo in zip(primals, layouts, strict=True)
     ]
     lap = [
@@ -357,6 +366,7 @@ def _unpack(
 
 
 def while_rule(ctx, primitive, primals, jacs, laps, params):
+    _not_windowed(ctx, primitive)
     ncc, nbc = params["cond_nconsts"], params["body_nconsts"]
     cond, body = params["cond_jaxpr"], params["body_jaxpr"]
     cc_p = list(primals[:ncc])
@@ -412,6 +422,7 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
 
 def cond_rule(ctx, primitive, primals, jacs, laps, params):
     """A `cond` on a traced index: every branch returns the union of their layouts."""
+    _not_windowed(ctx, primitive)
     if not is_zero(jacs[0]):
         return Fallback("rule", "a cond whose index carries a tangent")
     branches = params["branches"]

@@ -197,7 +197,7 @@ def _dense_sum(ctx, primals, jac, laps, params):
     lap_out = (
         zero_laplacian(out) if is_zero(lap) else lax.reduce_sum_p.bind(lap, **params)
     )
-    return out, sparse.densify(jac, ctx.num_blocks, axes), lap_out
+    return out, ctx.densify(jac, axes), lap_out
 
 
 def _dense_chooser(ctx, primitive, primals, jac, laps, params):
@@ -217,7 +217,7 @@ def _dense_chooser(ctx, primitive, primals, jac, laps, params):
     _report_dense_reduction(ctx, primitive, jac, axes)
     weighted = jac.with_data(jac.data * weight[None])
     lap_out = zero_laplacian(out) if is_zero(lap) else jnp.sum(lap * weight, axes)
-    return out, sparse.densify(weighted, ctx.num_blocks, axes), lap_out
+    return out, ctx.densify(weighted, axes), lap_out
 
 
 def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
@@ -741,7 +741,7 @@ def no_tangent_rule(ctx, primitive, primals, jacs, laps, params):
     """Primitives whose outputs carry no tangent (comparisons, argmax, ...)."""
     out = primitive.bind(*primals, **params)
     outs = out if primitive.multiple_results else [out]
-    jac_outs = [zero_jacobian(o, ctx.n) for o in outs]
+    jac_outs = [zero_jacobian(o, ctx.rows) for o in outs]
     lap_outs = [zero_laplacian(o) for o in outs]
     if primitive.multiple_results:
         return outs, jac_outs, lap_outs
@@ -835,7 +835,7 @@ def densify_operands(
     ctx.densified(
         primitive, fallback.cause, fallback.reason, shapes[0], fallback.blocks
     )
-    return [sparse.densify(j, ctx.num_blocks) if is_sparse(j) else j for j in jacs]
+    return [ctx.densify(j) if is_sparse(j) else j for j in jacs]
 
 
 def process(
@@ -866,17 +866,30 @@ def process(
     return result, list(jacs)
 
 
-def finish(ctx: SparseContext, primitive: Any, out: Any, jac: Any) -> Any:
-    """Normalise a sparse rule's output jacobian: zeros, empty slots, the threshold."""
+def finish(
+    ctx: SparseContext, primitive: Any, out: Any, jac: Any, lap: Any
+) -> tuple[Any, Any]:
+    """Normalise a sparse rule's output: zeros, empty slots, the threshold.
+
+    Returns the jacobian and the laplacian; a sparse rule's operands are all sparse,
+    so a dense result turned dense here, and its laplacian is windowed.
+    """
+    jac = _finish_jacobian(ctx, primitive, out, jac)
+    if not is_zero(jac) and not is_sparse(jac):
+        lap = ctx.window_laplacian(lap)
+    return jac, lap
+
+
+def _finish_jacobian(ctx: SparseContext, primitive: Any, out: Any, jac: Any) -> Any:
     if is_zero(jac):
-        return zero_jacobian(out, ctx.n)
+        return zero_jacobian(out, ctx.rows)
     if not is_sparse(jac):
         return jac
     if not jnp.issubdtype(jax.typeof(out).dtype, jnp.inexact):
-        return zero_jacobian(out, ctx.n)
+        return zero_jacobian(out, ctx.rows)
     jac = sparse.drop_empty_slots(jac)
     if not (jac.idx >= 0).any():
-        return zero_jacobian(out, ctx.n)
+        return zero_jacobian(out, ctx.rows)
     blocks = sparse.count_blocks(jac.idx)
     if blocks > ctx.max_blocks:
         ctx.densified(
@@ -887,5 +900,5 @@ def finish(ctx: SparseContext, primitive: Any, out: Any, jac: Any) -> Any:
             jac.shape,
             blocks,
         )
-        return sparse.densify(jac, ctx.num_blocks)
+        return ctx.densify(jac)
     return jac

@@ -1,0 +1,244 @@
+"""The block-sparse mode with its dense jacobians in windows of particles.
+
+`chunk_size` in the sparse mode bounds the dense jacobians (those of values that
+depend on most particles) to windows of whole particles, evaluated in a `lax.scan`,
+while the primal and the block-sparse jacobians are computed once, before it. Every
+result is checked against `jax.hessian`/`jax.jacfwd` references.
+"""
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import fwdlap
+from fwdlap._core.rules import custom as custom_rules
+from helpers import reference_laplacian, tree_allclose
+from test_lap_sparse import (
+    X,
+    assert_triple_close,
+    attention,
+    embed,
+    hessian_reference,
+    pair_stream,
+    particles,
+    per_particle_while,
+    spin_means,
+)
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _window_scans(jaxpr: Any) -> list[Any]:
+    """The top-level scans over int32 window starts."""
+    return [
+        eqn
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
+    ]
+
+
+def _count(jaxpr: Any, name: str) -> int:
+    return sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+
+
+def sparse_plus_dense(x: jax.Array) -> jax.Array:
+    # h is block-sparse with a laplacian of its own; the mean depends on every
+    # particle. Their sum is dense, and h's laplacian must count once over windows.
+    h = jnp.tanh(embed(particles(x)))
+    return jnp.sum(jnp.sin(h + jnp.mean(h**2, axis=0)))
+
+
+def pair_means(x: jax.Array) -> jax.Array:
+    # FermiNet's two-electron stream: block-sparse pairs, means over one index dense.
+    return jnp.sum(jnp.tanh(jnp.mean(pair_stream(x), axis=1)) ** 2)
+
+
+def spin_means_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(spin_means(x) ** 2)
+
+
+def attention_softmax(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.tanh(attention(x)))
+
+
+def dense_attention(x: jax.Array) -> jax.Array:
+    # The logits depend on every particle (through the mean): a dense softmax input.
+    h = jnp.tanh(embed(particles(x)))
+    h = h + jnp.mean(h, axis=0)
+    weights = jax.nn.softmax(h @ h.T, axis=-1)
+    return jnp.sum(jnp.tanh(weights @ h))
+
+
+FUNS = [
+    sparse_plus_dense,
+    pair_means,
+    spin_means_sum,
+    attention_softmax,
+    dense_attention,
+]
+
+
+@pytest.mark.parametrize("fun", FUNS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("chunk_size", [3, 6, 9])
+def test_windows_match_the_hessian(fun: Any, chunk_size: int) -> None:
+    x = jnp.asarray(X)
+
+    def run(y: jax.Array) -> Any:
+        vgl = fwdlap.value_grad_and_laplacian(fun, sparsity=True, chunk_size=chunk_size)
+        return vgl(y), hessian_reference(fun, y)
+
+    got, ref = jax.jit(run)(x)
+    assert_triple_close(got, ref)
+
+
+def test_windows_under_vmap() -> None:
+    xs = jnp.stack([jnp.asarray(X), jnp.asarray(X)[::-1] / 2])
+    lap = fwdlap.laplacian(sparse_plus_dense, sparsity=True, chunk_size=6)
+    got = jax.jit(jax.vmap(lap))(xs)
+    want = jax.vmap(lambda y: hessian_reference(sparse_plus_dense, y)[2])(xs)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_lap_windows_return_every_jacobian_row() -> None:
+    x = jnp.asarray(X)
+    eye = np.eye(x.size)
+    out, jac, lap = fwdlap.lap(
+        pair_means, (x,), (eye,), (None,), sparsity=True, chunk_size=3
+    )
+    value, grad, ref_lap = hessian_reference(pair_means, x)
+    np.testing.assert_allclose(out, value, rtol=1e-12)
+    np.testing.assert_allclose(jac, grad, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lap, ref_lap, rtol=1e-9)
+
+
+def test_sparse_work_runs_once_before_the_windows() -> None:
+    # The pair stream's tanh (primal and block-sparse) is outside the scan; inside it
+    # there is only dense work.
+    lap = fwdlap.laplacian(pair_means, sparsity=True, chunk_size=3)
+    single = fwdlap.laplacian(pair_means, sparsity=True, chunk_size=None)
+    jaxpr = jax.make_jaxpr(lap)(jnp.asarray(X)).jaxpr
+    (scan,) = _window_scans(jaxpr)
+    assert scan.params["length"] == 4  # 4 particles, one per window
+    body = scan.params["jaxpr"].jaxpr
+    assert _count(body, "tanh") == 0
+    single_jaxpr = jax.make_jaxpr(single)(jnp.asarray(X)).jaxpr
+    assert not _window_scans(single_jaxpr)
+    assert _count(jaxpr, "tanh") == _count(single_jaxpr, "tanh")
+
+
+def test_loop_with_block_sparse_carry_makes_one_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fun(x: jax.Array) -> jax.Array:
+        return jnp.sum(per_particle_while(x) ** 2)
+
+    x = jnp.asarray(X)
+    lap = fwdlap.laplacian(fun, sparsity=True, chunk_size=3)
+    with caplog.at_level(logging.DEBUG, logger="fwdlap.sparse"):
+        jaxpr = jax.make_jaxpr(lap)(x).jaxpr
+    assert not _window_scans(jaxpr)
+    assert any("one pass, not windows" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(lap(x), reference_laplacian(fun, x), rtol=1e-9)
+
+
+def test_traced_input_jacobian_makes_one_pass() -> None:
+    # `lap` with a jacobian known only at run time: no sparse layout, no windows.
+    x = jnp.asarray(X)
+
+    @jax.jit
+    def run(eye: jax.Array) -> Any:
+        return fwdlap.lap(
+            pair_means, (x,), (eye,), (None,), sparsity=True, chunk_size=3
+        )[2]
+
+    got = run(jnp.eye(x.size))
+    np.testing.assert_allclose(got, hessian_reference(pair_means, x)[2], rtol=1e-9)
+
+
+def test_windows_report_each_densification_once() -> None:
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as single:
+        jax.eval_shape(fwdlap.laplacian(pair_means, sparsity=True, chunk_size=None), x)
+    with fwdlap.record_densifications() as windowed:
+        jax.eval_shape(fwdlap.laplacian(pair_means, sparsity=True, chunk_size=3), x)
+    assert single and windowed == single
+
+
+def test_grad_through_windows_wrt_params() -> None:
+    w = jnp.asarray(np.cos(np.arange(3 * 5)).reshape(3, 5))
+
+    def model(w: jax.Array, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(particles(x) @ w)
+        return jnp.sum(jnp.tanh(h + jnp.mean(h, axis=0)) ** 2)
+
+    x = jnp.asarray(X)
+
+    def windowed(w: jax.Array) -> jax.Array:
+        return fwdlap.laplacian(model, argnums=1, sparsity=True, chunk_size=3)(w, x)
+
+    def reference(w: jax.Array) -> jax.Array:
+        return jnp.trace(jax.hessian(lambda y: model(w, y))(x))
+
+    got, want = jax.jit(lambda w: (jax.grad(windowed)(w), jax.grad(reference)(w)))(w)
+    assert tree_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+# --- the fixes that came with windows ---------------------------------------------
+
+
+def test_custom_jvp_with_sparse_and_dense_operands() -> None:
+    # jnp.logaddexp is a custom_jvp of two operands with an elementwise JVP: one
+    # block-sparse, one dense. The dense operand's jacobian must not be dropped.
+    def fun(x: jax.Array) -> jax.Array:
+        h = jnp.tanh(embed(particles(x)))
+        dense = jnp.broadcast_to(jnp.mean(h, axis=0), h.shape)
+        return jnp.sum(jnp.logaddexp(h, dense) ** 2)
+
+    x = jnp.asarray(X)
+    for chunk_size in (None, 3):
+        lap = fwdlap.laplacian(fun, sparsity=True, chunk_size=chunk_size)
+        np.testing.assert_allclose(lap(x), hessian_reference(fun, x)[2], rtol=1e-9)
+
+
+@pytest.fixture
+def softmax_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    rule = custom_rules.softmax_rule
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(custom_rules, "softmax_rule", spy)
+    return calls
+
+
+def test_sparse_mode_gives_dense_softmax_its_rule(
+    softmax_rule_calls: list[int],
+) -> None:
+    # These logits depend on every particle: the softmax input is dense, and the
+    # sparse mode uses the same softmax rule as the dense mode.
+    x = jnp.asarray(X)
+    for chunk_size in (None, 3):
+        lap = fwdlap.laplacian(dense_attention, sparsity=True, chunk_size=chunk_size)
+        want = hessian_reference(dense_attention, x)[2]
+        np.testing.assert_allclose(jax.jit(lap)(x), want, rtol=1e-9)
+    assert len(softmax_rule_calls) == 2
+
+
+def test_block_sparse_softmax_stays_sparse(softmax_rule_calls: list[int]) -> None:
+    def per_particle(x: jax.Array) -> jax.Array:
+        h = jnp.tanh(embed(particles(x)))
+        return jnp.sum(lax.cos(jax.nn.softmax(h, axis=-1)))
+
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events:
+        got = fwdlap.laplacian(per_particle, sparsity=True, chunk_size=3)(x)
+    np.testing.assert_allclose(got, hessian_reference(per_particle, x)[2], rtol=1e-9)
+    assert [e.primitive for e in events] == ["reduce_sum"]  # the final sum only
+    assert not softmax_rule_calls
