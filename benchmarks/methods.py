@@ -136,8 +136,9 @@ def fwdlap_sparse(f: ScalarFn) -> ScalarFn:
 
     ``fwdlap.laplacian(f, sparsity=True)``: blocks of 3 coordinates (one electron),
     the default threshold (an element stays sparse while it depends on at most half
-    of the electrons) and the default ``chunk_size="auto"``, which splits the pass
-    into sparse passes of 8 electrons where it is mostly dense (Psiformer at N >= 16).
+    of the electrons) and the default ``chunk_size="auto"``, which evaluates the
+    dense jacobians (values that depend on most electrons) in windows of 8 electrons
+    where they are large, and the block-sparse ones once.
     """
     fwdlap = _import_fwdlap()
     if not hasattr(fwdlap, "Sparsity"):
@@ -146,15 +147,16 @@ def fwdlap_sparse(f: ScalarFn) -> ScalarFn:
 
 
 SPARSE_CHUNK_SIZE = 24
-"""Directions per sparse pass for ``fwdlap_sparse_chunked`` (8 electrons)."""
+"""Directions per window for ``fwdlap_sparse_chunked`` (8 electrons)."""
 
 
 def fwdlap_sparse_chunked(f: ScalarFn) -> ScalarFn:
-    """The block-sparse mode, one sparse pass per block of ``SPARSE_CHUNK_SIZE``.
+    """The block-sparse mode with windows of ``SPARSE_CHUNK_SIZE`` directions.
 
-    ``fwdlap.laplacian(f, sparsity=True, chunk_size=24)``: where attention makes the
-    later layers dense, each pass carries a dense jacobian of 24 directions only,
-    which the CPU caches hold.
+    ``fwdlap.laplacian(f, sparsity=True, chunk_size=24)``: one sparse pass whose
+    dense jacobians (after attention, or FermiNet's means over the two-electron
+    stream) carry 24 directions at a time, which the CPU caches hold, whatever their
+    size; the block-sparse jacobians are computed once.
     """
     fwdlap = _import_fwdlap()
     if not hasattr(fwdlap, "Sparsity"):

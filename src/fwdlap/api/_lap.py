@@ -124,8 +124,13 @@ def lap(
         pays: at least 32 directions whose jacobians would exceed about 6 MiB,
         estimated by tracing `fun` to a jaxpr once more. Each block then carries
         about 9 MiB of jacobians (8 to 32 directions). Elsewhere it is one pass.
-        Results agree up to floating-point reordering. It must be `None` or
-        `"auto"` (which then means one pass) in the sparse mode.
+        Results agree up to floating-point reordering. In the sparse mode it bounds
+        the dense jacobians only (the block-sparse ones are computed once): an int
+        is rounded down to whole blocks, and they are evaluated a window of that
+        many directions at a time; `"auto"` makes windows of about 8 blocks where
+        the dense jacobians of one pass would exceed about 6 MiB, on the CPU. A
+        pass that cannot be windowed (a loop whose carry is block-sparse, an input
+        jacobian known only at run time) is made whole.
 
     **Returns:**
 

@@ -468,18 +468,22 @@ def laplacian(
         of 8 to 32 on the CPU backend when the jacobians of one pass would be large
         (at least 32 directions and about 6 MiB; see [`fwdlap.lap`][]), where the
         blocks run faster because they stay in cache, and one pass otherwise. In the
-        sparse mode `"auto"` traces the single sparse pass once to a jaxpr and, where
-        most of it is dense jacobians of more than about 6 MiB (attention over
-        particles), splits it into sparse passes of about 8 particles.
+        sparse mode it bounds only the dense jacobians, to windows of whole
+        particles (see `sparsity`); `"auto"` traces the single sparse pass once to a
+        jaxpr and, where its dense jacobians take more than about 6 MiB, makes
+        windows of about 8 particles.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
     - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:
         `True`, an int threshold or a [`fwdlap.Sparsity`][]. It pays off when the
         function's early layers act on one particle (block of coordinates) at a time,
         as in FermiNet- or Psiformer-shaped wavefunctions. It cannot be combined with
-        `weights` or `probes`. With `chunk_size` as well, the coordinates are split
-        into blocks of whole particles (`chunk_size` rounded down to a multiple of
-        the block size), each its own sparse pass, unrolled rather than looped.
+        `weights` or `probes`. With `chunk_size` as well, there is still one sparse
+        pass, but the jacobians that became dense (of values depending on most
+        particles) hold the directions of a window of whole particles at a time
+        (`chunk_size` rounded down to a multiple of the block size), in a
+        `jax.lax.scan` over the windows; the primal and the block-sparse jacobians
+        are computed once, before it.
     - `key`: a `jax.random` key for the probes.
     - `probe_distribution`: `"rademacher"` (entries $\pm 1$, the default) or
         `"gaussian"` (standard normal entries).
@@ -604,8 +608,8 @@ def value_grad_and_laplacian(
         blocks of this many inside a loop, so that memory no longer grows with the
         number of coordinates; `None` is one pass; `"auto"` (the default) picks
         blocks of 8 to 32 where one pass's jacobians would be large, on the CPU
-        (and, in the sparse mode, sparse passes of about 8 particles where the pass
-        is mostly dense).
+        (and, in the sparse mode, windows of about 8 particles for the dense
+        jacobians where those are large).
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
