@@ -232,6 +232,7 @@ def test_sparse_mode_gives_dense_softmax_its_rule(
 
 
 def test_block_sparse_softmax_stays_sparse(softmax_rule_calls: list[int]) -> None:
+    # The rule runs on the data of the blocks along the softmax axis.
     def per_particle(x: jax.Array) -> jax.Array:
         h = jnp.tanh(embed(particles(x)))
         return jnp.sum(lax.cos(jax.nn.softmax(h, axis=-1)))
@@ -241,4 +242,26 @@ def test_block_sparse_softmax_stays_sparse(softmax_rule_calls: list[int]) -> Non
         got = fwdlap.laplacian(per_particle, sparsity=True, chunk_size=3)(x)
     np.testing.assert_allclose(got, hessian_reference(per_particle, x)[2], rtol=1e-9)
     assert [e.primitive for e in events] == ["reduce_sum"]  # the final sum only
-    assert not softmax_rule_calls
+    assert softmax_rule_calls
+
+
+def test_pair_softmax_stays_sparse(softmax_rule_calls: list[int]) -> None:
+    # Attention logits of per-particle queries and keys depend on two particles
+    # each: a softmax over the keys depends on all of them (dense, the dense rule),
+    # one over a feature axis of a pair value on two (sparse).
+    def pair(x: jax.Array) -> jax.Array:
+        h = jnp.tanh(embed(particles(x)))
+        pairs = h[:, None, :] * h[None, :, :]  # (N, N, F): particles i and j
+        return jnp.sum(jnp.sin(jax.nn.softmax(pairs, axis=-1)))
+
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events:
+        got = fwdlap.laplacian(pair, sparsity=True)(x)
+    np.testing.assert_allclose(got, hessian_reference(pair, x)[2], rtol=1e-9)
+    assert softmax_rule_calls
+    assert [e.primitive for e in events] == ["reduce_sum"]
+    with fwdlap.record_densifications() as events:
+        got = fwdlap.laplacian(attention_softmax, sparsity=True)(x)
+    want = hessian_reference(attention_softmax, x)[2]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert "softmax" in [e.primitive for e in events]

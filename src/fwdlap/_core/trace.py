@@ -169,12 +169,26 @@ class LapTrace(_jax.Trace):
             softmax_rule,
         )
 
+        traced = None
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
             if _is_softmax(fun):
-                # Its primitives have sparse rules (a softmax over one particle's
-                # features stays sparse); a dense input gets `softmax_rule` below.
-                with _jax.set_current_trace(self):
-                    return fun.call_wrapped(*tracers)
+                traced, outs = self._sparse_softmax(
+                    primals, jacs, laps, jvp, symbolic_zeros
+                )
+                if outs is not None:
+                    return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
+                with _jax.set_current_trace(self.parent_trace):
+                    laps = self.sparse.densified_laplacians(jacs, laps)
+                reason = (
+                    "the softmax depends on more than "
+                    f"{self.sparse.max_blocks} blocks per element"
+                )
+                jacs = self._densify_all("softmax", jacs, reason, "threshold")
+        if (
+            traced is None
+            and self.sparse is not None
+            and any(is_sparse(j) for j in jacs)
+        ):
             outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
             if outs is None and registry.find_custom_jvp_rule(fun) is None:
                 outs = self._traced_custom_jvp(
@@ -200,10 +214,49 @@ class LapTrace(_jax.Trace):
             # else differentiate its JVP rule.
             outs = registry.apply_custom_jvp_rule(fun, primals, jacs, laps, self.n)
             if outs is None and _is_softmax(fun):
-                outs = softmax_rule(primals, jacs, laps, jvp, symbolic_zeros)
+                outs = softmax_rule(primals, jacs, laps, jvp, symbolic_zeros, traced)
             if outs is None:
-                outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
+                outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros, traced)
         return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
+
+    def _sparse_softmax(
+        self, primals: Any, jacs: Any, laps: Any, jvp: Any, symbolic_zeros: bool
+    ) -> tuple[Any, Any]:
+        """`jax.nn.softmax` of a block-sparse input: `(traced JVP rule, outputs)`.
+
+        Each output element depends on the blocks of its whole softmax axis. Where
+        those are within the threshold, `softmax_rule` runs on the input's data aligned
+        to them and the outputs come back sparse; else the outputs are None and the
+        caller densifies the input for the dense `softmax_rule`. (The JVP rule, traced
+        here to read the softmax axes, may be called only once: it is handed on.)
+        """
+        from .rules import sparse_rules
+        from .rules.custom import reduced_axes, softmax_rule, trace_jvp_rule
+
+        ctx = self.sparse
+        assert ctx is not None
+        jac = jacs[0]
+        with _jax.set_current_trace(self.parent_trace):
+            traced = trace_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
+            axes = reduced_axes(traced[1])
+            if (
+                not is_sparse(jac)
+                or axes is None
+                or len(jacs) > 1
+                and any(not is_zero(j) for j in jacs[1:])
+            ):
+                return traced, None
+            target = sparse.union_along(jac.idx, sorted(axes), ctx.max_blocks)
+            if target is None:
+                return traced, None
+            rows = [sparse.align(jac, target), *jacs[1:]]
+            outs = softmax_rule(primals, rows, laps, jvp, symbolic_zeros, traced)
+            if outs is None:
+                return traced, None
+            (y,), (jac_y,), (lap_y,) = outs
+            jac_y = sparse_rules.wrap(jac_y, target, ctx.block_size)
+            jac_outs, lap_outs = _finish_all(ctx, "softmax", [y], [jac_y], [lap_y])
+        return traced, ([y], jac_outs, lap_outs)
 
     def _densify_all(self, name: str, jacs: Any, reason: str, cause: str) -> list[Any]:
         from .rules import sparse_rules

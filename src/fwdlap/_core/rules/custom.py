@@ -21,9 +21,15 @@ def custom_jvp_rule(
     laplacians: Sequence[Any],
     jvp: Any,
     symbolic_zeros: bool,
+    traced: tuple[Any, Any] | None = None,
 ) -> tuple[list[Any], list[Any], list[Any]]:
-    """Forward-Laplacian outputs of a `custom_jvp` function from its JVP rule."""
-    jvp_fn, _ = trace_jvp_rule(primals, jacobians, laplacians, jvp, symbolic_zeros)
+    """Forward-Laplacian outputs of a `custom_jvp` function from its JVP rule.
+
+    `traced` is what `trace_jvp_rule` returned, where the caller traced it already.
+    """
+    jvp_fn, _ = traced or trace_jvp_rule(
+        primals, jacobians, laplacians, jvp, symbolic_zeros
+    )
     return laplacian_from_jvp(jvp_fn, primals, jacobians, laplacians)
 
 
@@ -90,6 +96,7 @@ def softmax_rule(
     laplacians: Sequence[Any],
     jvp: Any,
     symbolic_zeros: bool,
+    traced: tuple[Any, Any] | None = None,
 ) -> tuple[list[Any], list[Any], list[Any]] | None:
     """Forward-Laplacian outputs of `jax.nn.softmax` from its own (linear) JVP rule.
 
@@ -105,7 +112,9 @@ def softmax_rule(
         for j, lp in zip(jacobians[1:], laplacians[1:], strict=True)
     ) or is_zero(jacobians[0]):
         return None
-    jvp_fn, _ = trace_jvp_rule(primals, jacobians, laplacians, jvp, symbolic_zeros)
+    jvp_fn, _ = traced or trace_jvp_rule(
+        primals, jacobians, laplacians, jvp, symbolic_zeros
+    )
     rest = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals[1:]]
 
     def push(tangent: Any) -> tuple[Any, Any]:
@@ -120,6 +129,21 @@ def softmax_rule(
     lap_x = laplacians[0]
     _, lap_y = push(second if is_zero(lap_x) else lap_x + second)
     return [y], [jac_y], [lap_y]
+
+
+def reduced_axes(closed: Any) -> set[int] | None:
+    """The axes a softmax's JVP rule sums over (its `reduce_sum`s), or None if none."""
+    axes: set[int] = set()
+
+    def visit(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is jax.lax.reduce_sum_p:
+                axes.update(int(a) for a in eqn.params["axes"])
+        for sub in _jax.subjaxprs(jaxpr):
+            visit(sub)
+
+    visit(closed.jaxpr)
+    return axes or None
 
 
 def _is_float(x: Any) -> bool:

@@ -307,6 +307,9 @@ def _numpy_structural_rule(idx_fn):
         idx = idx_fn(jac.idx, **params)
         if idx is None:
             return Fallback("rule", f"{primitive} with these parameters")
+        wide = _wide_broadcast(ctx, jac, idx)
+        if wide is not None:
+            return wide
         rows = jac.k * ctx.block_size
         out, jac_out, lap_out = dense_rule(primitive)(
             primals, _rows_jacs(primals, jacs, {0: jac.data}, rows), laps, **params
@@ -314,6 +317,26 @@ def _numpy_structural_rule(idx_fn):
         return out, wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
 
     return rule
+
+
+def _wide_broadcast(ctx: SparseContext, jac: SparseJac, idx: np.ndarray) -> Any:
+    """A `Fallback` for copying a jacobian of half the directions to a larger value.
+
+    Such a value (a mean over half the particles, broadcast to every particle) is half
+    as large in the block-sparse layout as dense, but it will be dense as soon as it
+    meets another particle's blocks, and the copies of its slots cost more to align
+    and scatter than a dense broadcast, which `dot_split` multiplies before copying.
+    """
+    grows = idx.size >= 2 * jac.idx.size
+    if not grows or 2 * jac.k * ctx.block_size < ctx.n:
+        return None
+    blocks = sparse.count_blocks(jac.idx)
+    return Fallback(
+        "threshold",
+        f"it copies a jacobian of {blocks} blocks per element (half the directions "
+        "or more) to a larger value, which costs less dense",
+        blocks,
+    )
 
 
 def _common_slots(jacs: Sequence[Any], primals: Sequence[Any], positions) -> tuple:
