@@ -109,3 +109,33 @@ def test_sparse_mode_keeps_per_particle_softmax_sparse(
     np.testing.assert_allclose(got, jnp.trace(jax.hessian(per_particle)(X)), rtol=1e-9)
     assert softmax_rule_calls
     assert [e.primitive for e in events] == ["reduce_sum"]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 12, 16])
+def test_float32_heads_in_blocks(chunk_size: int | None) -> None:
+    # Attention weights (heads, queries, keys) in float32 with blocks of directions:
+    # jaxlib 0.10.2's CPU backend miscompiles softmax's own JVP expression
+    # `y * (t - sum(y * t, keepdims=True))` on such tangents (from the 9th row on),
+    # which the rule avoids. Checked against float64 forward-over-forward JVPs along
+    # each direction (the Hessian itself would take terabytes).
+    rng = np.random.default_rng(0)
+    s64 = rng.normal(size=(4, 32, 32))
+    j64 = rng.normal(size=(24, 4, 32, 32))
+
+    def fun(s: jax.Array) -> jax.Array:
+        return jnp.sum(jax.nn.softmax(s, axis=-1) ** 2, axis=-1)
+
+    s32, j32 = jnp.asarray(s64, jnp.float32), jnp.asarray(j64, jnp.float32)
+    _, jac, lap = fwdlap.lap(fun, (s32,), (j32,), (None,), chunk_size=chunk_size)
+    s, j = jnp.asarray(s64), jnp.asarray(j64)
+
+    def along(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def first(u: jax.Array) -> jax.Array:
+            return jax.jvp(fun, (u,), (t,))[1]
+
+        return first(s), jax.jvp(first, (s,), (t,))[1]
+
+    want_jac, second = jax.vmap(along)(j)
+    want_lap = jnp.sum(second, axis=0)
+    np.testing.assert_allclose(jac, want_jac, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(lap, want_lap, rtol=2e-4, atol=5e-5)

@@ -112,23 +112,47 @@ def softmax_rule(
         for j, lp in zip(jacobians[1:], laplacians[1:], strict=True)
     ) or is_zero(jacobians[0]):
         return None
-    jvp_fn, _ = traced or trace_jvp_rule(
+    jvp_fn, closed = traced or trace_jvp_rule(
         primals, jacobians, laplacians, jvp, symbolic_zeros
     )
     rest = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals[1:]]
-
-    def push(tangent: Any) -> tuple[Any, Any]:
-        outs, tangents = jvp_fn(primals, [tangent, *rest])
-        return outs[0], tangents[0]
-
-    y, _ = push(Zero(jax.typeof(primals[0]).to_tangent_aval()))
-    jac_y = jax.vmap(lambda t: push(t)[1])(jacobians[0])
+    y = jvp_fn(primals, [Zero(jax.typeof(primals[0]).to_tangent_aval()), *rest])[0][0]
+    axes = reduced_axes(closed)
+    if axes is None:
+        return None
+    jac_y = _softmax_tangent(y, jacobians[0], sorted(axes), rows=True)
     safe_y = jax.numpy.where(y == 0, 1, y)
     g = jax.numpy.where(y == 0, 0, jac_y / safe_y)
     second = jax.numpy.sum(g * g, axis=0)
     lap_x = laplacians[0]
-    _, lap_y = push(second if is_zero(lap_x) else lap_x + second)
+    total = second if is_zero(lap_x) else lap_x + second
+    lap_y = _softmax_tangent(y, total, sorted(axes), rows=False)
     return [y], [jac_y], [lap_y]
+
+
+def _softmax_tangent(y: Any, t: Any, axes: list[int], rows: bool) -> Any:
+    """Softmax's JVP `y (t - <y, t>)`, the average over `axes` taken as an einsum.
+
+    JAX's own rule sums `y * t` with `reduce_sum`. With rows of directions in front,
+    jaxlib 0.10.2's CPU backend miscompiles that pattern in float32 (a YNNPACK fusion
+    of `t - sum(y * t, keepdims=True)` over 4-d tangents with more than 8 rows gives
+    wrong rows from the 9th on); as a contraction it is computed correctly.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    ndim = jax.numpy.ndim(y)
+    spec_y = letters[:ndim]
+    kept = "".join(c for i, c in enumerate(spec_y) if i not in axes)
+    lead = "Z" if rows else ""
+    inner = jax.numpy.einsum(
+        f"{lead}{spec_y},{spec_y}->{lead}{kept}",
+        t,
+        y,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    shape = [1 if i in axes else d for i, d in enumerate(jax.numpy.shape(y))]
+    if rows:
+        shape = [jax.numpy.shape(t)[0], *shape]
+    return y * (t - inner.reshape(shape))
 
 
 def reduced_axes(closed: Any) -> set[int] | None:
