@@ -66,27 +66,40 @@ def lap_flat_windowed(
         )
     num_out = store["outs"]
     outs = [_primal(pv) for pv in out_pvals[:num_out]]
-    tangent_pvals = out_pvals[num_out:]
+    num_jacs = sum(aval is None for aval in store["jac_avals"])
+    jac_pvals = out_pvals[num_out : num_out + num_jacs]
+    lap_pvals = out_pvals[num_out + num_jacs :]
+    if any(pv.is_known() for pv in jac_pvals):
+        # Dense rows that do not depend on the window cannot be every window's rows.
+        raise sparse.WindowUnsupported("an output jacobian does not depend on it")
+    # A laplacian that does not depend on the window is counted once, not per window.
+    scanned = [*jac_pvals, *[pv for pv in lap_pvals if not pv.is_known()]]
 
     def step(carry: None, start: Any) -> tuple[None, list[Any]]:
-        unknown = iter(_jax.eval_jaxpr(jaxpr, consts, start))
-        return carry, [
-            next(unknown) if not pv.is_known() else jnp.asarray(pv.get_known())
-            for pv in tangent_pvals
-        ]
+        return carry, list(_jax.eval_jaxpr(jaxpr, consts, start))
 
     starts = jnp.arange(windows, dtype=jnp.int32) * window_blocks
-    _, stacked = lax.scan(step, None, starts)
+    stacked: list[Any] = []
+    if scanned:
+        _, stacked = lax.scan(step, None, starts)
     it = iter(stacked)
     jacs = [
         _join_rows(next(it), n) if aval is None else zero_jacobian(o, n)
         for o, aval in zip(outs, store["jac_avals"], strict=True)
     ]
+    lap_it = iter(lap_pvals)
     laps = [
-        jnp.sum(next(it), axis=0) if aval is None else _jax.Zero(aval)
+        _window_sum(next(lap_it), it) if aval is None else _jax.Zero(aval)
         for aval in store["lap_avals"]
     ]
     return outs, jacs, laps
+
+
+def _window_sum(pval: Any, scanned: Any) -> Any:
+    """A laplacian: the sum of its windows' parts, or the known whole."""
+    if pval.is_known():
+        return pval.get_known()
+    return jnp.sum(next(scanned), axis=0)
 
 
 def _join_rows(stacked: Any, n: int) -> Any:
