@@ -115,7 +115,7 @@ def muted() -> Iterator[None]:
 class WindowUnsupported(Exception):
     """Raised while tracing a windowed sparse pass that cannot be windowed.
 
-    The caller falls back to whole sparse passes per window (see `Window`).
+    The caller falls back to one whole sparse pass (see `Window`).
     """
 
 
