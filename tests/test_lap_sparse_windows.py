@@ -202,7 +202,11 @@ def test_custom_jvp_with_sparse_and_dense_operands() -> None:
     x = jnp.asarray(X)
     for chunk_size in (None, 3):
         lap = fwdlap.laplacian(fun, sparsity=True, chunk_size=chunk_size)
-        np.testing.assert_allclose(lap(x), hessian_reference(fun, x)[2], rtol=1e-9)
+        with fwdlap.record_densifications() as events:
+            got = lap(x)
+        np.testing.assert_allclose(got, hessian_reference(fun, x)[2], rtol=1e-9)
+        (event,) = [e for e in events if e.primitive == "logaddexp"]
+        assert event.cause == "threshold" and "already dense" in event.reason
 
 
 @pytest.fixture

@@ -290,7 +290,10 @@ class LapTrace(_jax.Trace):
             ):
                 aligned = sparse_rules.align_slots(ctx, name, primals, jacs)
             if aligned is None or isinstance(aligned, sparse_rules.Fallback):
-                if aligned is None:
+                if aligned is None and has_dense:
+                    reason = "an operand's jacobian is already dense"
+                    aligned = sparse_rules.Fallback("threshold", reason)
+                elif aligned is None:
                     reason = "a custom_jvp function whose JVP rule is not elementwise"
                     aligned = sparse_rules.Fallback("rule", reason)
                 dense = sparse_rules.densify_operands(ctx, name, jacs, aligned)
