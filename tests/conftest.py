@@ -17,3 +17,23 @@ os.environ["XLA_FLAGS"] = _flags
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fwdlap._core.rules import custom  # noqa: E402
+
+
+@pytest.fixture
+def softmax_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of `jax.nn.softmax`'s dedicated rule."""
+    calls: list[int] = []
+    rule = custom.softmax_rule
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(custom, "softmax_rule", counted)
+    return calls

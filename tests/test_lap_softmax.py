@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import fwdlap
-from fwdlap._core.rules import custom
 from helpers import assert_matches_reference, hessian_trace_weighted, identity_jacobian
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=12))
@@ -49,20 +48,6 @@ FUNCTIONS = [last_axis, first_axis, both_axes, masked, attention]
 
 def _lap(fun: Callable[[jax.Array], Any], x: jax.Array) -> Any:
     return fwdlap.lap(fun, (x,), (identity_jacobian(x),), (jnp.zeros_like(x),))
-
-
-@pytest.fixture
-def softmax_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the calls of the dedicated rule."""
-    calls: list[int] = []
-    rule = custom.softmax_rule
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return rule(*args, **kwargs)
-
-    monkeypatch.setattr(custom, "softmax_rule", counted)
-    return calls
 
 
 @pytest.mark.parametrize("fun", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])

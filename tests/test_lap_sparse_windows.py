@@ -16,7 +16,6 @@ import pytest
 from jax import lax
 
 import fwdlap
-from fwdlap._core.rules import custom as custom_rules
 from helpers import reference_laplacian, tree_allclose
 from test_lap_sparse import (
     X,
@@ -207,19 +206,6 @@ def test_custom_jvp_with_sparse_and_dense_operands() -> None:
         np.testing.assert_allclose(got, hessian_reference(fun, x)[2], rtol=1e-9)
         (event,) = [e for e in events if e.primitive == "logaddexp"]
         assert event.cause == "threshold" and "already dense" in event.reason
-
-
-@pytest.fixture
-def softmax_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    rule = custom_rules.softmax_rule
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return rule(*args, **kwargs)
-
-    monkeypatch.setattr(custom_rules, "softmax_rule", spy)
-    return calls
 
 
 def test_sparse_mode_gives_dense_softmax_its_rule(
