@@ -108,3 +108,19 @@ def jaxpr_shapes(jaxpr: Any) -> list[tuple[int, ...]]:
         for sub in _sub_jaxprs(eqn.params):
             shapes += jaxpr_shapes(sub)
     return shapes
+
+
+def window_scans(jaxpr: Any) -> list[Any]:
+    """The top-level scans over int32 window starts of a sparse pass in windows."""
+    return [
+        eqn
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
+    ]
+
+
+def window_count(jaxpr: Any) -> int:
+    """How many windows a jaxpr's top-level window scan runs (1 without one)."""
+    scans = window_scans(jaxpr)
+    assert len(scans) <= 1
+    return scans[0].params["length"] if scans else 1

@@ -15,7 +15,7 @@ import pytest
 import fwdlap
 from fwdlap._core import LapTracer
 from fwdlap.api import _chunking
-from helpers import identity_jacobian, reference_triple, tree_allclose
+from helpers import identity_jacobian, reference_triple, tree_allclose, window_count
 
 N = 37  # a prime: no block size divides it
 X = np.linspace(-1.1, 0.9, N)
@@ -285,13 +285,7 @@ def _count(primitive: str, fun: Any, x: jax.Array) -> int:
 
 def _windows(fun: Any, x: jax.Array) -> int:
     """The length of the top-level scan over window starts (1 without one)."""
-    jaxpr = jax.make_jaxpr(fun)(x).jaxpr
-    lengths = [
-        eqn.params["length"]
-        for eqn in jaxpr.eqns
-        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
-    ]
-    return lengths[0] if lengths else 1
+    return window_count(jax.make_jaxpr(fun)(x).jaxpr)
 
 
 def test_sparse_auto_windows_mostly_dense_passes() -> None:

@@ -30,6 +30,7 @@ from helpers import (
     reference_triple,
     reference_values,
     tree_allclose,
+    window_count,
 )
 from test_lap_zoo import ZOO, Case
 
@@ -1176,13 +1177,7 @@ def count_passes(fun: Fun, x: jax.Array, **kwargs: Any) -> int:
     with fwdlap.record_densifications() as events:
         jaxpr = jax.make_jaxpr(fwdlap.laplacian(summed, **kwargs))(x).jaxpr
     assert sum(e.primitive == "soft_norm" for e in events) == 1
-    lengths = [
-        eqn.params["length"]
-        for eqn in jaxpr.eqns
-        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
-    ]
-    assert len(lengths) <= 1
-    return lengths[0] if lengths else 1
+    return window_count(jaxpr)
 
 
 ROUNDING = [(1, N), (3, N), (4, N), (6, 2), (7, 2), (11, 2), (12, 1), (99, 1)]

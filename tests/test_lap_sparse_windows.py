@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 
 import fwdlap
-from helpers import reference_laplacian, tree_allclose
+from helpers import reference_laplacian, tree_allclose, window_scans
 from test_lap_sparse import (
     X,
     assert_triple_close,
@@ -30,15 +30,6 @@ from test_lap_sparse import (
 )
 
 jax.config.update("jax_enable_x64", True)
-
-
-def _window_scans(jaxpr: Any) -> list[Any]:
-    """The top-level scans over int32 window starts."""
-    return [
-        eqn
-        for eqn in jaxpr.eqns
-        if eqn.primitive.name == "scan" and eqn.invars[-1].aval.dtype == jnp.int32
-    ]
 
 
 def _count(jaxpr: Any, name: str) -> int:
@@ -121,12 +112,12 @@ def test_sparse_work_runs_once_before_the_windows() -> None:
     lap = fwdlap.laplacian(pair_means, sparsity=True, chunk_size=3)
     single = fwdlap.laplacian(pair_means, sparsity=True, chunk_size=None)
     jaxpr = jax.make_jaxpr(lap)(jnp.asarray(X)).jaxpr
-    (scan,) = _window_scans(jaxpr)
+    (scan,) = window_scans(jaxpr)
     assert scan.params["length"] == 4  # 4 particles, one per window
     body = scan.params["jaxpr"].jaxpr
     assert _count(body, "tanh") == 0
     single_jaxpr = jax.make_jaxpr(single)(jnp.asarray(X)).jaxpr
-    assert not _window_scans(single_jaxpr)
+    assert not window_scans(single_jaxpr)
     assert _count(jaxpr, "tanh") == _count(single_jaxpr, "tanh")
 
 
@@ -140,7 +131,7 @@ def test_loop_with_block_sparse_carry_makes_one_pass(
     lap = fwdlap.laplacian(fun, sparsity=True, chunk_size=3)
     with caplog.at_level(logging.DEBUG, logger="fwdlap.sparse"):
         jaxpr = jax.make_jaxpr(lap)(x).jaxpr
-    assert not _window_scans(jaxpr)
+    assert not window_scans(jaxpr)
     assert any("one pass, not windows" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(lap(x), reference_laplacian(fun, x), rtol=1e-9)
 

@@ -111,12 +111,10 @@ def jacobian_bytes(fun: Callable[..., Any], primals: Sequence[Any], n: int) -> i
 
 def sparse_pass_bytes(
     pass_fun: Callable[..., Any], primals: Sequence[Any], n: int
-) -> tuple[int, int]:
-    """`(dense jacobian bytes, all bytes)` of a traced sparse pass (0s if it fails)."""
+) -> int:
+    """Bytes of the dense jacobians of a traced sparse pass (0 if tracing fails)."""
     jaxpr = _trace(pass_fun, primals)
-    if jaxpr is None:
-        return 0, 0
-    return _intermediate_bytes(jaxpr, rows=n), _intermediate_bytes(jaxpr)
+    return 0 if jaxpr is None else _intermediate_bytes(jaxpr, rows=n)
 
 
 def sparse_auto_rows(dense: int, dim: int, block: int) -> int | None:
@@ -163,7 +161,7 @@ def sparse_rows(
         return lap_flat(fun, list(ps), jacobians, laplacians, n, spec)[1]
 
     with muted():
-        dense, _ = sparse_pass_bytes(single_pass, primals, n)
+        dense = sparse_pass_bytes(single_pass, primals, n)
     return sparse_auto_rows(dense, n, block)
 
 
