@@ -26,6 +26,8 @@ from test_lap_sparse import (
     pair_stream,
     particles,
     per_particle_while,
+    slater_det,
+    slater_slogdet,
     spin_means,
 )
 
@@ -70,6 +72,10 @@ FUNS = [
     spin_means_sum,
     attention_softmax,
     dense_attention,
+    # log|det| depends on every particle; det's laplacian adds the square of that
+    # dense jacobian, which each window holds only part of.
+    slater_det,
+    slater_slogdet,
 ]
 
 

@@ -171,6 +171,19 @@ def held_reports() -> Iterator[None]:
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowedLaplacian:
+    """A sparse rule's laplacian that already holds only its window's terms.
+
+    `sparse_rules.finish` windows the laplacian of a result that turns dense, which is
+    right when the rule computed it from block-sparse data (all directions). A rule
+    that densifies part-way and adds terms from the window's dense rows (det's square
+    of the log-det jacobian) windows the rest itself and returns this instead.
+    """
+
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class SparseContext:
     """The sparse mode of one `lap` call, resolved against its number of directions."""
 

@@ -213,8 +213,19 @@ def sparse_slogdet_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
 
 
 def sparse_det_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
+    from .. import sparse
+
     parts = _sparse_log_abs_det(ctx, primals, jacobians, laplacians)
-    return NotImplemented if parts is None else _det_outputs(parts)
+    if parts is None:
+        return NotImplemented
+    n, sign, logdet, jac_log, lap_log = parts
+    if ctx.window is None or is_zero(jac_log) or sparse.is_sparse(jac_log):
+        return _det_outputs(parts)
+    # log|det| turned dense, so det's square term sums over this window's rows only:
+    # window the rest of the laplacian here, not after.
+    parts = (n, sign, logdet, jac_log, ctx.window_laplacian(lap_log))
+    outs, jacs, (lap,) = _det_outputs(parts)
+    return outs, jacs, [sparse.WindowedLaplacian(lap)]
 
 
 def small_slogdet_rule(primals, jacobians, laplacians) -> Any:

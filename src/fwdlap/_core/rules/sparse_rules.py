@@ -898,6 +898,8 @@ def finish(
     so a dense result turned dense here, and its laplacian is windowed.
     """
     jac = _finish_jacobian(ctx, primitive, out, jac)
+    if isinstance(lap, sparse.WindowedLaplacian):
+        return jac, lap.value
     if not is_zero(jac) and not is_sparse(jac):
         lap = ctx.window_laplacian(lap)
     return jac, lap
