@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import fwdlap
 from fwdlap._core import LapTracer
@@ -334,16 +335,19 @@ def test_sparse_auto_probe_reports_nothing_itself() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dense", "dim", "rows"),
+    ("dense", "dim", "loops", "rows"),
     [
-        (40 * 2**20, 96, 24),  # large dense jacobians: 4 windows of 24
-        (40 * 2**20, 60, 21),  # 20 particles in 3 windows of 7
-        (2**20, 96, None),  # small
-        (40 * 2**20, 45, None),  # under two windows' worth of directions
+        (40 * 2**20, 96, False, 24),  # large dense jacobians: 4 windows of 24
+        (40 * 2**20, 60, False, 21),  # 20 particles in 3 windows of 7
+        (2**20, 96, False, None),  # small
+        (40 * 2**20, 45, False, None),  # under two windows' worth of directions
+        (7 * 2**20, 96, False, 24),
+        (7 * 2**20, 96, True, None),  # loops rerun per window: not yet worth it
+        (40 * 2**20, 96, True, 24),
     ],
 )
-def test_sparse_auto_rows(dense: int, dim: int, rows: Any) -> None:
-    assert _chunking.sparse_auto_rows(dense, dim, 3) == rows
+def test_sparse_auto_rows(dense: int, dim: int, loops: bool, rows: Any) -> None:
+    assert _chunking.sparse_auto_rows(dense, dim, 3, loops) == rows
 
 
 def test_lap_filter_uses_auto_blocks() -> None:
@@ -367,3 +371,21 @@ def test_lap_filter_uses_auto_blocks() -> None:
     np.testing.assert_allclose(
         lap["value"], jnp.trace(jax.hessian(target)(x)), rtol=1e-10
     )
+
+
+def test_loops_carrying_dense_jacobians_are_found() -> None:
+    # `"auto"` asks for larger dense jacobians before it windows a sparse pass whose
+    # loops carry dense ones: every window runs those loops again.
+    def carries_rows(x: jax.Array) -> Any:
+        return lax.scan(lambda c, w: (jnp.tanh(c * w), None), x, jnp.ones(3))[0]
+
+    def nested(x: jax.Array) -> Any:
+        return jax.jit(carries_rows)(x)
+
+    def carries_other(x: jax.Array) -> Any:
+        return lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c), x[0])
+
+    rows = jnp.ones((12, 5))
+    for fun, found in [(carries_rows, True), (nested, True), (carries_other, False)]:
+        jaxpr = jax.make_jaxpr(fun)(rows).jaxpr
+        assert _chunking._loops_carry_dense(jaxpr, 12) is found

@@ -33,9 +33,9 @@ def lap_flat_windowed(
     """The sparse `lap_flat`, its dense jacobians in windows of `window_blocks` blocks.
 
     Returns what `lap_flat(..., sparsity)` does, with dense output jacobians of `n`
-    rows. Raises `sparse.WindowUnsupported` where the pass cannot be windowed (a
-    block-sparse loop carry, an input jacobian that is not block-sparse); the caller
-    then makes one pass.
+    rows. Raises `sparse.WindowUnsupported` where the pass cannot be windowed (an
+    input jacobian that is not block-sparse, an output jacobian that does not depend
+    on the window); the caller then makes one pass.
     """
     ctx = sparsity.resolve(n)
     windows = -(-ctx.num_blocks // window_blocks)

@@ -45,6 +45,10 @@ AUTO_BLOCK_RANGE = (8, 32)
 AUTO_MIN_BYTES = 6 * 2**20
 """Estimated jacobian bytes per call past which `"auto"` evaluates in blocks."""
 
+AUTO_LOOP_MIN_BYTES = 9 * 2**20
+"""`AUTO_MIN_BYTES` for a sparse pass whose loops carry dense jacobians: each window
+runs those loops again, so windows pay later (measured on a `lax.scan` over layers)."""
+
 SPARSE_AUTO_ROWS = 24
 """Directions per window of a sparse pass under `"auto"` (8 particles of 3)."""
 
@@ -109,25 +113,41 @@ def jacobian_bytes(fun: Callable[..., Any], primals: Sequence[Any], n: int) -> i
     return 0 if jaxpr is None else n * _intermediate_bytes(jaxpr)
 
 
+def _loops_carry_dense(jaxpr: Any, rows: int) -> bool:
+    """Whether a loop of the jaxpr (at any depth) returns values of `rows` rows."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive in (_jax.scan_p, _jax.while_p) and any(
+            getattr(v.aval, "shape", ())[:1] == (rows,) for v in eqn.outvars
+        ):
+            return True
+    return any(_loops_carry_dense(sub, rows) for sub in _jax.subjaxprs(jaxpr))
+
+
 def sparse_pass_bytes(
     pass_fun: Callable[..., Any], primals: Sequence[Any], n: int
-) -> int:
-    """Bytes of the dense jacobians of a traced sparse pass (0 if tracing fails)."""
+) -> tuple[int, bool]:
+    """Bytes of the dense jacobians of a traced sparse pass (0 if tracing fails), and
+    whether its loops carry dense jacobians."""
     jaxpr = _trace(pass_fun, primals)
-    return 0 if jaxpr is None else _intermediate_bytes(jaxpr, rows=n)
+    if jaxpr is None:
+        return 0, False
+    return _intermediate_bytes(jaxpr, rows=n), _loops_carry_dense(jaxpr, n)
 
 
-def sparse_auto_rows(dense: int, dim: int, block: int) -> int | None:
+def sparse_auto_rows(
+    dense: int, dim: int, block: int, loops: bool = False
+) -> int | None:
     """Directions per window of a sparse pass under `"auto"`, or None for one window.
 
     The block-sparse jacobians are evaluated once whatever the window; windows only
     bound the dense ones (those of values that depend on most particles). They pay
-    once those are large, and are balanced around `SPARSE_AUTO_ROWS` directions of
+    once those are large (larger with `loops` that carry dense jacobians, which every
+    window runs again), and are balanced around `SPARSE_AUTO_ROWS` directions of
     whole particles.
     """
     if dim < 2 * SPARSE_AUTO_ROWS or jax.default_backend() != "cpu":
         return None
-    if dense < AUTO_MIN_BYTES:
+    if dense < (AUTO_LOOP_MIN_BYTES if loops else AUTO_MIN_BYTES):
         return None
     particles = dim // block
     windows = -(-dim // SPARSE_AUTO_ROWS)
@@ -161,8 +181,8 @@ def sparse_rows(
         return lap_flat(fun, list(ps), jacobians, laplacians, n, spec)[1]
 
     with muted():
-        dense = sparse_pass_bytes(single_pass, primals, n)
-    return sparse_auto_rows(dense, n, block)
+        dense, loops = sparse_pass_bytes(single_pass, primals, n)
+    return sparse_auto_rows(dense, n, block, loops)
 
 
 def lap_flat_sparse(
@@ -176,8 +196,8 @@ def lap_flat_sparse(
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """The sparse `lap_flat`, its dense jacobians in windows as `chunk_size` says.
 
-    Where a pass cannot be windowed (a loop whose carry is block-sparse, an input
-    jacobian that is not), it is made whole; the result is the same.
+    Where a pass cannot be windowed (an input jacobian that is not block-sparse), it
+    is made whole; the result is the same.
     """
     args = (primals, jacobians, laplacians)
     rows = sparse_rows(chunk_size, fun, args, n, spec)

@@ -128,9 +128,10 @@ def lap(
         the dense jacobians only (the block-sparse ones are computed once): an int
         is rounded down to whole blocks, and they are evaluated a window of that
         many directions at a time; `"auto"` makes windows of about 8 blocks where
-        the dense jacobians of one pass would exceed about 6 MiB, on the CPU. A
-        pass that cannot be windowed (a loop whose carry is block-sparse, an input
-        jacobian known only at run time) is made whole.
+        the dense jacobians of one pass would exceed about 6 MiB (9 MiB if loops
+        carry them), on the CPU. A
+        pass whose input jacobian is known only at run time cannot be windowed and
+        is made whole.
 
     **Returns:**
 

@@ -470,8 +470,8 @@ def laplacian(
         blocks run faster because they stay in cache, and one pass otherwise. In the
         sparse mode it bounds only the dense jacobians, to windows of whole
         particles (see `sparsity`); `"auto"` traces the single sparse pass once to a
-        jaxpr and, where its dense jacobians take more than about 6 MiB, makes
-        windows of about 8 particles.
+        jaxpr and, where its dense jacobians take more than about 6 MiB (9 MiB if
+        loops carry them), makes windows of about 8 particles.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
     - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:

@@ -13,9 +13,14 @@ gets one *layout*: zero (`None`), a static block index array `(k, *S)`, or `DENS
   from then on. Scanned inputs take the union of their blocks along the scanned axis,
   so that every iteration sees one layout; scanned outputs get the layout the body
   gives them.
+
+In a windowed pass (`sparse.Window`) the bodies take the window's start as one more
+input, in front, so that their dense jacobians hold the same rows as outside. A
+laplacian whose jacobian turns dense on the way in or out is windowed as anywhere else.
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,10 +75,40 @@ def _data_aval(ctx: SparseContext, aval: Any, layout: Layout) -> Any:
     return tangent.update(shape=(_rows(ctx, layout), *tangent.shape))
 
 
-def _not_windowed(ctx: SparseContext, primitive: Any) -> None:
-    # A loop body that turns a carry dense would need the window's start inside it.
-    if ctx.window is not None:
-        raise sparse.WindowUnsupported(f"{primitive} has block-sparse operands")
+def _window_args(ctx: SparseContext) -> list[Any]:
+    """The leading body arguments of a windowed pass: the window's start."""
+    return [] if ctx.window is None else [ctx.window.start]
+
+
+def _window_groups(ctx: SparseContext) -> list[tuple[int, list[bool], list[bool]]]:
+    """`_groups` of `_window_args`: one primal without tangents."""
+    return [] if ctx.window is None else [(1, [False], [False])]
+
+
+def _in_body(ctx: SparseContext, args: Sequence[Any]) -> tuple[SparseContext, list]:
+    """The context inside a body and the body's own arguments (start split off)."""
+    if ctx.window is None:
+        return ctx, list(args)
+    window = sparse.Window(args[0], ctx.window.blocks)
+    return dataclasses.replace(ctx, window=window), list(args[1:])
+
+
+def _leaving_lap(ctx: SparseContext, lap: Any, layout: Layout) -> Any:
+    """A loop or cond output's laplacian for `sparse_rules.finish`.
+
+    A dense output's laplacian already holds its window's terms (the body windowed
+    what turned dense inside), so `finish` must not window it again.
+    """
+    if ctx.window is not None and isinstance(layout, str) and not is_zero(lap):
+        return sparse.WindowedLaplacian(lap)
+    return lap
+
+
+def _entering_lap(ctx: SparseContext, jac: Any, lap: Any, layout: Layout) -> Any:
+    """The laplacian of a value given `layout`: windowed if its jacobian turns dense."""
+    if isinstance(layout, str) and is_sparse(jac):
+        return ctx.window_laplacian(lap)
+    return lap
 
 
 def to_layout(ctx: SparseContext, jac: Any, primal: Any, layout: Layout) -> Any:
@@ -112,7 +147,9 @@ def trace_body(
     data of the non-zero layouts and whose laplacians are those flagged.
     """
     in_avals = list(closed.in_avals)
+    starts = [jax.typeof(s) for s in _window_args(ctx)]
     avals = [
+        *starts,
         *in_avals,
         *[
             _data_aval(ctx, a, lo)
@@ -123,13 +160,14 @@ def trace_body(
     ]
     store: dict[str, Any] = {}
 
-    def body(*args: Any) -> list[Any]:
+    def body(*all_args: Any) -> list[Any]:
+        inner, args = _in_body(ctx, all_args)
         primals = list(args[: len(in_avals)])
         rest = iter(args[len(in_avals) :])
         jacs = [
-            zero_jacobian(p, ctx.rows)
+            zero_jacobian(p, inner.rows)
             if lo is None
-            else from_layout(ctx, next(rest), p, lo)
+            else from_layout(inner, next(rest), p, lo)
             for p, lo in zip(primals, in_layouts, strict=True)
         ]
         laps = [
@@ -137,7 +175,7 @@ def trace_body(
             for p, nz in zip(primals, in_laps, strict=True)
         ]
         outs, jac_outs, lap_outs = lap_flat_layouts(
-            _jax.jaxpr_as_fun(closed), primals, jacs, laps, ctx
+            _jax.jaxpr_as_fun(closed), primals, jacs, laps, inner
         )
         store["layouts"] = [layout_of(j) for j in jac_outs]
         store["laps"] = [not is_zero(lp) for lp in lap_outs]
@@ -145,12 +183,7 @@ def trace_body(
             return list(outs)
         return [
             *outs,
-            *[
-                to_layout(ctx, j, o, lo)
-                for j, o, lo in zip(jac_outs, outs, out_layouts, strict=True)
-                if lo is not None
-            ],
-            *[instantiate(lp) for lp, nz in zip(lap_outs, out_laps, strict=True) if nz],
+            *_tangent_args(inner, outs, jac_outs, lap_outs, out_layouts, out_laps),
         ]
 
     dbg = closed.jaxpr.debug_info.with_unknown_names()
@@ -257,12 +290,13 @@ def _tangent_args(
         if lo is not None
     ]
     return data + [
-        instantiate(lp) for lp, nz in zip(laps, lap_flags, strict=True) if nz
+        instantiate(_entering_lap(ctx, j, lp, lo))
+        for j, lp, lo, nz in zip(jacs, laps, layouts, lap_flags, strict=True)
+        if nz
     ]
 
 
 def scan_rule(ctx, primitive, primals, jacs, laps, params):
-    _not_windowed(ctx, primitive)
     nc, nk = params["num_consts"], params["num_carry"]
     body, length = params["jaxpr"], params["length"]
 
@@ -291,7 +325,12 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
         [*k_lo, *ys_lo],
         [*k_lap, *ys_lap],
     )
-    groups_in = [_groups(*consts), _groups(k_lo, k_lap), _groups(*xs)]
+    groups_in = [
+        *_window_groups(ctx),
+        _groups(*consts),
+        _groups(k_lo, k_lap),
+        _groups(*xs),
+    ]
     groups_out = [_groups(k_lo, k_lap), _groups(ys_lo, ys_lap)]
     new_body = _reorder_binders(
         new_body, _group_sizes(groups_in), _group_sizes(groups_out)
@@ -306,19 +345,29 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
         for j, x, lo in zip(x_j, x_p, xs[0], strict=True)
         if lo is not None
     ]
+    xs_laps = [
+        _entering_lap(ctx, j, lp, lo)
+        for j, lp, lo, nz in zip(x_j, x_l, xs[0], xs[1], strict=True)
+        if nz
+    ]
+    window = _window_args(ctx)
     args = [
+        *window,
         *c_p,
         *_tangent_args(ctx, c_p, c_j, c_l, *consts),
         *k_p,
         *_tangent_args(ctx, k_p, k_j, k_l, k_lo, k_lap),
         *x_p,
         *xs_data,
-        *[lp for lp, nz in zip(x_l, xs[1], strict=True) if nz],
+        *[instantiate(lp) for lp in xs_laps],
     ]
     new_params = dict(
         params,
         jaxpr=new_body,
-        num_consts=nc + sum(g is not None for g in consts[0]) + sum(consts[1]),
+        num_consts=len(window)
+        + nc
+        + sum(g is not None for g in consts[0])
+        + sum(consts[1]),
         num_carry=nk + sum(g is not None for g in k_lo) + sum(k_lap),
     )
     if "linear" in params:  # JAX < 0.10
@@ -337,8 +386,8 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
         for y, lo in zip(y_out, ys_lo, strict=True)
     ]
     y_lap = [
-        next(y_rest) if nz else zero_laplacian(y)
-        for y, nz in zip(y_out, ys_lap, strict=True)
+        _leaving_lap(ctx, next(y_rest), lo) if nz else zero_laplacian(y)
+        for y, nz, lo in zip(y_out, ys_lap, ys_lo, strict=True)
     ]
     return k_out + y_out, k_jac + y_jac, k_lap_out + y_lap
 
@@ -359,14 +408,13 @@ def _unpack(
         for p, lo in zip(primals, layouts, strict=True)
     ]
     lap = [
-        next(rest) if nz else zero_laplacian(p)
-        for p, nz in zip(primals, laps, strict=True)
+        _leaving_lap(ctx, next(rest), lo) if nz else zero_laplacian(p)
+        for p, nz, lo in zip(primals, laps, layouts, strict=True)
     ]
     return primals, jac, lap
 
 
 def while_rule(ctx, primitive, primals, jacs, laps, params):
-    _not_windowed(ctx, primitive)
     ncc, nbc = params["cond_nconsts"], params["body_nconsts"]
     cond, body = params["cond_jaxpr"], params["body_jaxpr"]
     cc_p = list(primals[:ncc])
@@ -388,7 +436,7 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
     )
     new_body = _reorder_binders(
         new_body,
-        _group_sizes([_groups(*consts), _groups(k_lo, k_lap)]),
+        _group_sizes([*_window_groups(ctx), _groups(*consts), _groups(k_lo, k_lap)]),
         _group_sizes([_groups(k_lo, k_lap)]),
     )
     carry_avals = [jax.typeof(p) for p in k_p]
@@ -401,20 +449,25 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
         *[a.to_tangent_aval() for a, nz in zip(carry_avals, k_lap, strict=True) if nz],
     ]
     new_cond = _cond_ignoring_tangents(cond, ncc + len(k_p), tangent_avals)
+    window = _window_args(ctx)
     args = [
         *cc_p,
+        *window,
         *bc_p,
         *_tangent_args(ctx, bc_p, bc_j, bc_l, *consts),
         *k_p,
         *_tangent_args(ctx, k_p, k_j, k_l, k_lo, k_lap),
     ]
+    body_nconsts = (
+        len(window) + nbc + sum(g is not None for g in consts[0]) + sum(consts[1])
+    )
     outs = _jax.while_p.bind(
         *args,
         **dict(
             params,
             cond_jaxpr=new_cond,
             body_jaxpr=new_body,
-            body_nconsts=nbc + sum(g is not None for g in consts[0]) + sum(consts[1]),
+            body_nconsts=body_nconsts,
         ),
     )
     return _unpack(ctx, outs, len(k_p), k_lo, k_lap)
@@ -422,7 +475,6 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
 
 def cond_rule(ctx, primitive, primals, jacs, laps, params):
     """A `cond` on a traced index: every branch returns the union of their layouts."""
-    _not_windowed(ctx, primitive)
     if not is_zero(jacs[0]):
         return Fallback("rule", "a cond whose index carries a tangent")
     branches = params["branches"]
@@ -453,6 +505,7 @@ def cond_rule(ctx, primitive, primals, jacs, laps, params):
     )
     args = [
         primals[0],
+        *_window_args(ctx),
         *ops,
         *_tangent_args(ctx, ops, op_jacs, op_laps, in_layouts, in_laps),
     ]
