@@ -895,7 +895,8 @@ def finish(
     """Normalise a sparse rule's output: zeros, empty slots, the threshold.
 
     Returns the jacobian and the laplacian; a sparse rule's operands are all sparse,
-    so a dense result turned dense here, and its laplacian is windowed.
+    so a dense result turned dense here, and its laplacian is windowed, unless the
+    rule returned it windowed already (`sparse.WindowedLaplacian`: det, loops).
     """
     jac = _finish_jacobian(ctx, primitive, out, jac)
     if isinstance(lap, sparse.WindowedLaplacian):
