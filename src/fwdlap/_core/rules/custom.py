@@ -117,16 +117,17 @@ def softmax_rule(
     )
     rest = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals[1:]]
     y = jvp_fn(primals, [Zero(jax.typeof(primals[0]).to_tangent_aval()), *rest])[0][0]
-    axes = reduced_axes(closed)
-    if axes is None:
+    found = reduced_axes(closed)
+    if found is None:
         return None
-    jac_y = _softmax_tangent(y, jacobians[0], sorted(axes), rows=True)
+    axes = sorted(found)
+    jac_y = _softmax_tangent(y, jacobians[0], axes, rows=True)
     safe_y = jax.numpy.where(y == 0, 1, y)
     g = jax.numpy.where(y == 0, 0, jac_y / safe_y)
     second = jax.numpy.sum(g * g, axis=0)
     lap_x = laplacians[0]
     total = second if is_zero(lap_x) else lap_x + second
-    lap_y = _softmax_tangent(y, total, sorted(axes), rows=False)
+    lap_y = _softmax_tangent(y, total, axes, rows=False)
     return [y], [jac_y], [lap_y]
 
 
