@@ -43,7 +43,37 @@ def attention(x: jax.Array) -> jax.Array:
     return jnp.sum((weights @ h) ** 2)
 
 
-FUNCTIONS = [last_axis, first_axis, both_axes, masked, attention]
+def vmapped_rows(x: jax.Array) -> jax.Array:
+    # Under vmap the rule's output is laid out with the batch axis first while its
+    # input keeps it second: the rule must bring the tangents into the output's layout.
+    soft = jax.vmap(jax.nn.softmax, in_axes=1, out_axes=0)
+    return jnp.sin(soft(x.reshape(3, 4) * x[1]))
+
+
+def vmapped_square(x: jax.Array) -> jax.Array:
+    # As above with equal axis sizes, where a wrong layout would not raise.
+    soft = jax.vmap(lambda r: jax.nn.softmax(r * r[0]), in_axes=1, out_axes=1)
+    return jnp.cos(soft(x[:9].reshape(3, 3)))
+
+
+def vmapped_heads(x: jax.Array) -> jax.Array:
+    # Scores (query, head, key) with softmax over keys, vmapped over the heads.
+    h = jnp.tanh(x.reshape(2, 2, 3))
+    scores = jnp.einsum("qhd,khd->qhk", h, h)
+    weights = jax.vmap(jax.nn.softmax, in_axes=1, out_axes=1)(scores)
+    return jnp.einsum("qhk,khd->qhd", weights, h) ** 2
+
+
+FUNCTIONS = [
+    last_axis,
+    first_axis,
+    both_axes,
+    masked,
+    attention,
+    vmapped_rows,
+    vmapped_square,
+    vmapped_heads,
+]
 
 
 def _lap(fun: Callable[[jax.Array], Any], x: jax.Array) -> Any:
@@ -124,3 +154,17 @@ def test_float32_heads_in_blocks(chunk_size: int | None) -> None:
     want_lap = jnp.sum(second, axis=0)
     np.testing.assert_allclose(jac, want_jac, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(lap, want_lap, rtol=2e-4, atol=5e-5)
+
+
+def test_dot_product_attention() -> None:
+    # `jax.nn.dot_product_attention` vmaps its softmax and moves the batch axis; it
+    # computes the scores in float32 whatever its inputs, hence the tolerance.
+    def fun(x: jax.Array) -> jax.Array:
+        h = jnp.tanh(x.reshape(1, 4, 1, 3)) * jnp.arange(1.0, 3.0)[:, None]
+        out = jax.nn.dot_product_attention(h, h * 0.5, h**2)
+        return jnp.sum(jnp.sin(out) * jnp.arange(24.0).reshape(out.shape))
+
+    want = jnp.trace(jax.hessian(fun)(X))
+    for sparsity in (False, True):
+        got = jax.jit(fwdlap.laplacian(fun, sparsity=sparsity))(X)
+        np.testing.assert_allclose(got, want, rtol=1e-4)

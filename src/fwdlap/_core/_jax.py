@@ -45,6 +45,7 @@ to_concrete_value = src_core.to_concrete_value
 
 ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
+Var = jex_core.Var
 jaxpr_as_fun = jex_core.jaxpr_as_fun
 Primitive = jex_core.Primitive
 primitives = jex_core.primitives

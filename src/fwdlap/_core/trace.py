@@ -231,22 +231,23 @@ class LapTrace(_jax.Trace):
         here to read the softmax axes, may be called only once: it is handed on.)
         """
         from .rules import sparse_rules
-        from .rules.custom import reduced_axes, softmax_rule, trace_jvp_rule
+        from .rules.custom import softmax_layout, softmax_rule, trace_jvp_rule
 
         ctx = self.sparse
         assert ctx is not None
         jac = jacs[0]
         with _jax.set_current_trace(self.parent_trace):
             traced = trace_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
-            axes = reduced_axes(traced[1])
+            layout = softmax_layout(traced[1], len(primals))
             if (
                 not is_sparse(jac)
-                or axes is None
+                or layout is None
+                or layout[1] != tuple(range(len(layout[1])))
                 or len(jacs) > 1
                 and any(not is_zero(j) for j in jacs[1:])
             ):
                 return traced, None
-            target = sparse.union_along(jac.idx, sorted(axes), ctx.max_blocks)
+            target = sparse.union_along(jac.idx, layout[0], ctx.max_blocks)
             if target is None:
                 return traced, None
             rows = [sparse.align(jac, target), *jacs[1:]]

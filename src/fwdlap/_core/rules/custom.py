@@ -117,15 +117,21 @@ def softmax_rule(
     )
     rest = [Zero(jax.typeof(p).to_tangent_aval()) for p in primals[1:]]
     y = jvp_fn(primals, [Zero(jax.typeof(primals[0]).to_tangent_aval()), *rest])[0][0]
-    found = reduced_axes(closed)
-    if found is None:
+    layout = softmax_layout(closed, len(primals))
+    if layout is None:
         return None
-    axes = sorted(found)
-    jac_y = _softmax_tangent(y, jacobians[0], axes, rows=True)
+    axes, perm = layout
+    jac_x, lap_x = jacobians[0], laplacians[0]
+    if perm != tuple(range(len(perm))):
+        # A softmax under `jax.vmap` may lay its output out differently from its
+        # input (the batch axis moved); bring the tangents into the output's layout.
+        jac_x = jax.numpy.transpose(jac_x, (0, *(1 + p for p in perm)))
+        if not is_zero(lap_x):
+            lap_x = jax.numpy.transpose(lap_x, perm)
+    jac_y = _softmax_tangent(y, jac_x, axes, rows=True)
     safe_y = jax.numpy.where(y == 0, 1, y)
     g = jax.numpy.where(y == 0, 0, jac_y / safe_y)
     second = jax.numpy.sum(g * g, axis=0)
-    lap_x = laplacians[0]
     total = second if is_zero(lap_x) else lap_x + second
     lap_y = _softmax_tangent(y, total, axes, rows=False)
     return [y], [jac_y], [lap_y]
@@ -154,6 +160,46 @@ def _softmax_tangent(y: Any, t: Any, axes: list[int], rows: bool) -> Any:
     if rows:
         shape = [jax.numpy.shape(t)[0], *shape]
     return y * (t - inner.reshape(shape))
+
+
+def softmax_layout(
+    closed: Any, n_primals: int
+) -> tuple[list[int], tuple[int, ...]] | None:
+    """The softmax axes and the layout of a softmax's JVP rule, or None if unclear.
+
+    Returns `(axes, perm)`: the rule's output tangent is laid out as
+    `transpose(t, perm)` of the logits' tangent `t`, and `axes` (of that layout) are
+    the ones the rule sums over. Under `jax.vmap` the rule may move the batch axis, so
+    the layout is read off the rule's jaxpr: its tangent input may only go through
+    `transpose`s, all of its uses must see the same layout, and that layout must have
+    the output's shape. Anything else returns None, and the caller differentiates the
+    rule itself instead.
+    """
+    jaxpr = closed.jaxpr
+    if len(jaxpr.invars) != n_primals + 1 or not jaxpr.outvars:
+        return None
+    tangent = jaxpr.invars[n_primals]
+    rank = len(tangent.aval.shape)
+    perms: dict[Any, tuple[int, ...]] = {tangent: tuple(range(rank))}
+    used: set[tuple[int, ...]] = set()
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            if isinstance(var, _jax.Var) and var in perms:
+                if eqn.primitive is jax.lax.transpose_p:
+                    order = eqn.params["permutation"]
+                    perms[eqn.outvars[0]] = tuple(perms[var][p] for p in order)
+                else:
+                    used.add(perms[var])
+    out_shape = tuple(jaxpr.outvars[-1].aval.shape)
+    if len(used) != 1:
+        return None
+    perm = used.pop()
+    if tuple(tangent.aval.shape[p] for p in perm) != out_shape:
+        return None
+    found = reduced_axes(closed)
+    if found is None or any(a >= len(out_shape) for a in found):
+        return None
+    return sorted(found), perm
 
 
 def reduced_axes(closed: Any) -> set[int] | None:
