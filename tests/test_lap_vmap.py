@@ -128,3 +128,120 @@ def test_vmap_over_directions() -> None:
     hess = jax.hessian(_mlp)(x)
     assert tree_allclose(per_dir, jnp.einsum("ki,ij,kj->k", vs, hess, vs))
     assert tree_allclose(per_dir.sum(), jnp.trace(hess))
+
+
+# --- transformations inside the function, in every mode of `fwdlap.laplacian` ------
+
+N_INNER = 5
+W_INNER = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4)))
+
+
+def _inner_mlp(r: jax.Array) -> jax.Array:
+    return jnp.tanh(r @ W_INNER)
+
+
+def vmap_moved_axes(x: jax.Array) -> jax.Array:
+    coords = x.reshape(N_INNER, 3).T  # (3, N): vmapped over axis 1, out on axis 1
+    h = jax.vmap(_inner_mlp, in_axes=1, out_axes=1)(coords)
+    return jnp.sum(jnp.sin(h) * jnp.arange(4.0 * N_INNER).reshape(4, N_INNER))
+
+
+def vmap_softmax_moved_axes(x: jax.Array) -> jax.Array:
+    h = jax.vmap(_inner_mlp)(x.reshape(N_INNER, 3))  # (N, 4)
+    soft = jax.vmap(jax.nn.softmax, in_axes=1, out_axes=0)(h * h[0])  # (4, N)
+    return jnp.sum(jnp.cos(soft) * jnp.arange(4.0 * N_INNER).reshape(4, N_INNER))
+
+
+def vmap_logsumexp_and_log_softmax(x: jax.Array) -> jax.Array:
+    h = jax.vmap(_inner_mlp)(x.reshape(N_INNER, 3))
+    lse = jax.vmap(jax.nn.logsumexp, in_axes=1)(h * h[1])
+    logp = jax.vmap(jax.nn.log_softmax, in_axes=1, out_axes=1)(h)
+    return jnp.sum(jnp.sin(lse)) + jnp.sum(logp * jnp.arange(4.0))
+
+
+def vmap_slogdet_rows(x: jax.Array) -> jax.Array:
+    r = x.reshape(N_INNER, 3)
+    scale = jnp.arange(1.0, N_INNER + 1.0)
+    orbitals = jax.vmap(lambda ri: jnp.tanh(jnp.sum(ri) * scale + ri[0]))(r)
+    return jnp.linalg.slogdet(orbitals + 2.0 * jnp.eye(N_INNER))[1]
+
+
+def vmap_det_batch_last(x: jax.Array) -> jax.Array:
+    mats = jnp.tanh(x[:12].reshape(2, 2, 3)) + 2.0 * jnp.eye(2)[..., None]
+    return jnp.sum(jnp.sin(jax.vmap(jnp.linalg.det, in_axes=2)(mats)))
+
+
+def vmap_scan_per_particle(x: jax.Array) -> jax.Array:
+    mix = W_INNER @ W_INNER.T * 0.3
+
+    def per(r: jax.Array) -> jax.Array:
+        step = lambda c, _: (jnp.tanh(c @ mix) + c, None)  # noqa: E731
+        return lax.scan(step, r, None, length=3)[0]
+
+    return jnp.sum(jax.vmap(per)(x.reshape(N_INNER, 3)) ** 2)
+
+
+def vmap_custom_jvp_moved_axes(x: jax.Array) -> jax.Array:
+    @jax.custom_jvp
+    def u_sin_u(u: jax.Array) -> jax.Array:
+        return jnp.sin(u) * u
+
+    @u_sin_u.defjvp
+    def _(primals: Any, tangents: Any) -> Any:
+        (u,), (t,) = primals, tangents
+        return u_sin_u(u), (jnp.cos(u) * u + jnp.sin(u)) * t
+
+    out = jax.vmap(u_sin_u, in_axes=1, out_axes=0)(x.reshape(N_INNER, 3))
+    return jnp.sum(out * jnp.arange(3.0 * N_INNER).reshape(3, N_INNER))
+
+
+def grad_and_checkpoint_inside(x: jax.Array) -> jax.Array:
+    def energy(y: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(y) ** 2 * jnp.arange(y.size))
+
+    feats = jax.checkpoint(lambda y: jnp.tanh(y.reshape(N_INNER, 3) @ W_INNER))(x)
+    return jnp.sum(jax.grad(energy)(x) ** 2) + jnp.sum(feats**2)
+
+
+def equinox_attention(x: jax.Array) -> jax.Array:
+    import equinox as eqx
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    embed = eqx.nn.Linear(3, 8, key=keys[0], dtype=jnp.float64)
+    attention = eqx.nn.MultiheadAttention(2, 8, key=keys[1], dtype=jnp.float64)
+    mlp = eqx.nn.MLP(
+        8, 1, 16, 2, activation=jax.nn.gelu, key=keys[2], dtype=jnp.float64
+    )
+    h = jax.vmap(embed)(x.reshape(N_INNER, 3))
+    h = jax.vmap(eqx.nn.LayerNorm(8, dtype=jnp.float64))(h + attention(h, h, h))
+    return jnp.sum(jax.vmap(mlp)(h))
+
+
+INNER = [
+    vmap_moved_axes,
+    vmap_softmax_moved_axes,
+    vmap_logsumexp_and_log_softmax,
+    vmap_slogdet_rows,
+    vmap_det_batch_last,
+    vmap_scan_per_particle,
+    vmap_custom_jvp_moved_axes,
+    grad_and_checkpoint_inside,
+    equinox_attention,
+]
+MODES = {
+    "dense": {},
+    "chunked": {"chunk_size": 4},
+    "sparse": {"sparsity": True},
+    "sparse_windows": {"sparsity": True, "chunk_size": 6},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fun", INNER, ids=[f.__name__ for f in INNER])
+def test_transforms_inside_fun(fun: Any, mode: str) -> None:
+    # vmap may move the batch axis between a primitive's input and output (the
+    # softmax rule used to assume one layout), so the functions vmap over axis 1.
+    x = jnp.asarray(np.random.default_rng(4).normal(size=3 * N_INNER))
+    got = jax.jit(fwdlap.laplacian(fun, **MODES[mode]))(x)
+    want = jnp.trace(jax.hessian(fun)(x))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
