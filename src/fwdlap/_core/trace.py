@@ -95,6 +95,11 @@ class LapTrace(_jax.Trace):
         primals, jacs, laps = unzip3(map(self.to_triple, tracers))
         if all(is_zero(t) for t in (*jacs, *laps)):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
+        if primitive is _jax.while_p and params["cond_jaxpr"].out_avals[0].shape:
+            from .rules.control_flow import while_with_scalar_predicate
+
+            with _jax.set_current_trace(self):
+                return while_with_scalar_predicate(tracers, params)
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
             inline = _inline_jaxpr(primitive, params, primals)
             if inline is not None:

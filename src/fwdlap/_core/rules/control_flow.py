@@ -313,6 +313,40 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
     return k_out, k_jac, k_lap
 
 
+def while_with_scalar_predicate(args: Sequence[Any], params: Any) -> list[Any]:
+    """A `while` whose predicate is an array, as the same loop with a scalar one.
+
+    `jax.vmap` of a `while_loop` whose condition depends on the batch gives the loop
+    a predicate of the batch's shape: it runs while any element's is true, and the
+    elements whose predicate is false keep their carry (the predicate's shape is a
+    prefix of every carry's). Written out with `any` and `select`, the loop's
+    tangent carries may take their leading axis of directions like any other.
+    """
+    cond_nconsts, body_nconsts = params["cond_nconsts"], params["body_nconsts"]
+    cond_fun = _jax.jaxpr_as_fun(params["cond_jaxpr"])
+    body_fun = _jax.jaxpr_as_fun(params["body_jaxpr"])
+    rank = len(params["cond_jaxpr"].out_avals[0].shape)
+    cond_consts = list(args[:cond_nconsts])
+    body_consts = list(args[cond_nconsts : cond_nconsts + body_nconsts])
+
+    def keep_going(carry: list[Any]) -> Any:
+        (pred,) = cond_fun(*cond_consts, *carry)
+        return jnp.any(pred)
+
+    def step(carry: list[Any]) -> list[Any]:
+        (pred,) = cond_fun(*cond_consts, *carry)
+        new = body_fun(*body_consts, *carry)
+        return [
+            jax.lax.select(
+                jax.lax.broadcast_in_dim(pred, jnp.shape(c), tuple(range(rank))), n, c
+            )
+            for n, c in zip(new, carry, strict=True)
+        ]
+
+    init = list(args[cond_nconsts + body_nconsts :])
+    return jax.lax.while_loop(keep_going, step, init)
+
+
 def _cond_ignoring_tangents(
     cond_jaxpr: Any, num_primal: int, tangent_avals: Sequence[Any]
 ) -> Any:
