@@ -215,6 +215,16 @@ def grad_and_checkpoint_inside(x: jax.Array) -> jax.Array:
     return jnp.sum(jax.grad(energy)(x) ** 2) + jnp.sum(feats**2)
 
 
+def jvp_hessian_and_map_inside(x: jax.Array) -> jax.Array:
+    def inner(y: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(y[:3]) * y[3:6] ** 2)
+
+    along = jax.jvp(lambda y: jnp.sum(jnp.exp(jnp.sin(y))), (x,), (jnp.cos(x),))[1]
+    curvature = jnp.trace(jax.hessian(inner)(x))
+    mapped = lax.map(lambda r: jnp.prod(jnp.tanh(r)), x.reshape(N_INNER, 3))
+    return along + curvature * jnp.sum(x**2) + jnp.sum(mapped)
+
+
 def equinox_attention(x: jax.Array) -> jax.Array:
     import equinox as eqx
 
@@ -239,6 +249,7 @@ INNER = [
     vmap_while_batched_predicate,
     vmap_custom_jvp_moved_axes,
     grad_and_checkpoint_inside,
+    jvp_hessian_and_map_inside,
     equinox_attention,
 ]
 MODES = {
