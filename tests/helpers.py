@@ -74,10 +74,17 @@ def assert_matches_reference(
 
 
 def hessian_trace_weighted(
-    f: Callable[[jax.Array], Any], x: jax.Array, v: jax.Array
+    f: Callable[[jax.Array], Any],
+    x: jax.Array,
+    v: jax.Array,
+    hessian: Callable[..., Any] = jax.hessian,
 ) -> Any:
-    """`sum_k v_k^T H v_k` per output element, from `jax.hessian` (v: (k, *x.shape))."""
-    hess = jax.hessian(f)(x)
+    """`sum_k v_k^T H v_k` per output element, from `jax.hessian` (v: (k, *x.shape)).
+
+    Pass `hessian=lambda f: jax.jacfwd(jax.jacfwd(f))` for functions with a
+    `while_loop`, which reverse mode cannot differentiate.
+    """
+    hess = hessian(f)(x)
     v = v.reshape(v.shape[0], x.size)
 
     def contract(h: jax.Array) -> jax.Array:

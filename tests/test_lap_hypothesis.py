@@ -3,7 +3,7 @@
 A program is a list of steps; each step applies a unary or binary operation to values
 computed earlier (the input is value 0) and appends the result. The output is the last
 value, or a tuple of the last two. References: `reference_triple` (jax.jacfwd and the
-trace of jax.jacfwd(jax.jacfwd(f))), and jax.hessian for random seeds.
+trace of jax.jacfwd(jax.jacfwd(f))), and its Hessian for random seeds.
 """
 
 from collections.abc import Callable
@@ -40,6 +40,24 @@ UNARY: dict[str, Callable[[jax.Array], jax.Array]] = {
     "flip": lambda v: v[::-1],
     "softplus": jax.nn.softplus,  # a custom_jvp
     "logistic": jax.nn.sigmoid,
+    "softmax": jax.nn.softmax,
+    # Under vmap over axis 1 the softmax rule's output has the batch axis first.
+    "vmap_softmax_cols": lambda v: jnp.sum(
+        jax.vmap(jax.nn.softmax, in_axes=1, out_axes=0)(jnp.outer(v, v[::-1] + 1.0))
+        * jnp.asarray(M),
+        axis=0,
+    ),
+    "vmap_cols": lambda v: jax.vmap(lambda c: jnp.tanh(c) @ jnp.asarray(M[0]), 1)(
+        jnp.outer(v, jnp.arange(1.0, 4.0))
+    ),
+    # A trip count that depends on the element: vmap gives an array predicate.
+    "vmap_while": jax.vmap(
+        lambda e: jax.lax.while_loop(
+            lambda c: c[1] < 1 + (e > 0),
+            lambda c: (jnp.sin(c[0]) + e, c[1] + 1),
+            (e, jnp.asarray(0)),
+        )[0]
+    ),
 }
 
 BINARY: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
@@ -139,7 +157,9 @@ def test_random_programs_random_seeds(
     lap_in = jax.random.normal(key_l, (3,), dtype=x_.dtype)
     full_jac = jax.jacfwd(fun)(x_)  # (3, 3)
     expected_jac = jnp.einsum("oi,ki->ko", full_jac, v)
-    expected_lap = hessian_trace_weighted(fun, x_, v) + full_jac @ lap_in
+    forward_hessian = lambda f: jax.jacfwd(jax.jacfwd(f))  # noqa: E731 (while loops)
+    expected_lap = hessian_trace_weighted(fun, x_, v, forward_hessian)
+    expected_lap = expected_lap + full_jac @ lap_in
     assume(_well_behaved((expected_jac, expected_lap)))
     run = jax.jit(fwdlap.lap, static_argnums=0)
     out, jac, lap = run(fun, (x_,), (v,), (lap_in,))
