@@ -45,8 +45,21 @@ def _while_with_means(h: jax.Array) -> jax.Array:
     return lax.while_loop(lambda c: c[0] < 2, body, (jnp.asarray(0), h))[1]
 
 
+def _vmapped_while_per_particle(h: jax.Array) -> jax.Array:
+    # The trip count depends on the particle: vmap gives the loop an array predicate.
+    def per(r: jax.Array) -> jax.Array:
+        def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            return jnp.tanh(c[0] @ W_FEAT), c[1] + 1
+
+        steps = 1 + (r[0] > 0)
+        return lax.while_loop(lambda c: c[1] < steps, body, (r, jnp.asarray(0)))[0]
+
+    return jax.vmap(per)(h)
+
+
 UNARY: dict[str, Step] = {
     # per particle
+    "vmap_while_per_particle": _vmapped_while_per_particle,
     "tanh": jnp.tanh,
     "square": lambda h: h**2,
     "features": lambda h: h @ W_FEAT,
@@ -56,11 +69,17 @@ UNARY: dict[str, Step] = {
         0, 2, lambda i, c: jnp.tanh(c @ W_FEAT), h
     ),
     # across particles
+    "vmap_times_first_particle": lambda h: jax.vmap(
+        lambda col: jnp.tanh(col) * col[0], in_axes=1, out_axes=1
+    )(h),
     "mean": lambda h: h + jnp.mean(h, axis=0),
     "spin_means": lambda h: jnp.concatenate(
         [h[:2] + jnp.mean(h[:2], axis=0), h[2:] + jnp.mean(h[2:], axis=0)]
     ),
     "softmax_particles": lambda h: jax.nn.softmax(h, axis=0),
+    "vmap_softmax_particles": lambda h: (
+        jax.vmap(jax.nn.softmax, in_axes=1, out_axes=0)(h).T
+    ),
     "attention": lambda h: jax.nn.softmax(h @ h.T, axis=-1) @ h,
     "pair_means": lambda h: jnp.mean(jnp.tanh(h[:, None] - h[None]), axis=1),
     "cumsum": lambda h: jnp.cumsum(h, axis=0),
