@@ -168,3 +168,18 @@ def test_dot_product_attention() -> None:
     for sparsity in (False, True):
         got = jax.jit(fwdlap.laplacian(fun, sparsity=sparsity))(X)
         np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_sparse_mode_names_a_moved_softmax_layout() -> None:
+    # A per-particle softmax vmapped over axis 1: the rule does not follow the moved
+    # batch axis on block-sparse data, so the input is densified, and the log says so.
+    def moved(x: jax.Array) -> jax.Array:
+        h = jnp.tanh(x.reshape(4, 3))
+        soft = jax.vmap(jax.nn.softmax, in_axes=1, out_axes=0)(h.T)
+        return jnp.sum(jnp.cos(soft) * jnp.arange(12.0).reshape(4, 3))
+
+    with fwdlap.record_densifications() as events:
+        got = jax.jit(fwdlap.laplacian(moved, sparsity=True))(X)
+    np.testing.assert_allclose(got, jnp.trace(jax.hessian(moved)(X)), rtol=1e-10)
+    assert [(e.primitive, e.cause) for e in events] == [("softmax", "rule")]
+    assert "jax.vmap moved" in events[0].reason

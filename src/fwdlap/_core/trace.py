@@ -173,6 +173,7 @@ class LapTrace(_jax.Trace):
             custom_jvp_rule,
             softmax_rule,
         )
+        from .rules.sparse_rules import Fallback
 
         traced = None
         if self.sparse is not None and any(is_sparse(j) for j in jacs):
@@ -180,15 +181,11 @@ class LapTrace(_jax.Trace):
                 traced, outs = self._sparse_softmax(
                     primals, jacs, laps, jvp, symbolic_zeros
                 )
-                if outs is not None:
+                if not isinstance(outs, Fallback):
                     return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
                 with _jax.set_current_trace(self.parent_trace):
                     laps = self.sparse.densified_laplacians(jacs, laps)
-                reason = (
-                    "the softmax depends on more than "
-                    f"{self.sparse.max_blocks} blocks per element"
-                )
-                jacs = self._densify_all("softmax", jacs, reason, "threshold")
+                jacs = self._densify_all("softmax", jacs, outs.reason, outs.cause)
         if (
             traced is None
             and self.sparse is not None
@@ -231,9 +228,10 @@ class LapTrace(_jax.Trace):
 
         Each output element depends on the blocks of its whole softmax axis. Where
         those are within the threshold, `softmax_rule` runs on the input's data aligned
-        to them and the outputs come back sparse; else the outputs are None and the
-        caller densifies the input for the dense `softmax_rule`. (The JVP rule, traced
-        here to read the softmax axes, may be called only once: it is handed on.)
+        to them and the outputs come back sparse; else the outputs are a
+        `sparse_rules.Fallback` saying why, and the caller densifies the input for the
+        dense `softmax_rule`. (The JVP rule, traced here to read the softmax axes, may
+        be called only once: it is handed on.)
         """
         from .rules import sparse_rules
         from .rules.custom import softmax_layout, softmax_rule, trace_jvp_rule
@@ -244,21 +242,27 @@ class LapTrace(_jax.Trace):
         with _jax.set_current_trace(self.parent_trace):
             traced = trace_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
             layout = softmax_layout(traced[1], len(primals))
-            if (
-                not is_sparse(jac)
-                or layout is None
-                or layout[1] != tuple(range(len(layout[1])))
-                or len(jacs) > 1
-                and any(not is_zero(j) for j in jacs[1:])
-            ):
-                return traced, None
+            if not is_sparse(jac):
+                reason = "an operand's jacobian is already dense"
+                return traced, sparse_rules.Fallback("threshold", reason)
+            if any(not is_zero(j) for j in jacs[1:]):
+                reason = "a softmax argument other than x has tangents"
+                return traced, sparse_rules.Fallback("rule", reason)
+            if layout is None or layout[1] != tuple(range(len(layout[1]))):
+                reason = "jax.vmap moved the softmax's batch axis (or its rule is new)"
+                return traced, sparse_rules.Fallback("rule", reason)
             target = sparse.union_along(jac.idx, layout[0], ctx.max_blocks)
             if target is None:
-                return traced, None
+                reason = (
+                    f"the softmax depends on more than {ctx.max_blocks} blocks per "
+                    "element"
+                )
+                return traced, sparse_rules.Fallback("threshold", reason)
             rows = [sparse.align(jac, target), *jacs[1:]]
             outs = softmax_rule(primals, rows, laps, jvp, symbolic_zeros, traced)
             if outs is None:
-                return traced, None
+                reason = "the softmax's JVP rule is not the usual one"
+                return traced, sparse_rules.Fallback("rule", reason)
             (y,), (jac_y,), (lap_y,) = outs
             jac_y = sparse_rules.wrap(jac_y, target, ctx.block_size)
             jac_outs, lap_outs = _finish_all(ctx, "softmax", [y], [jac_y], [lap_y])
