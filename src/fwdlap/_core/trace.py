@@ -493,8 +493,8 @@ def lap_flat(
             for p, j, lp in zip(primals, jacobians, laplacians, strict=True)
         ]
         # `jax.nn.softmax` as its custom_jvp (the flag JAX means to make the default),
-        # for `rules.custom.softmax_rule`; the sparse mode inlines it where its input
-        # is block-sparse, whose primitives' rules keep it so.
+        # for `rules.custom.softmax_rule`, which the sparse mode runs on block-sparse
+        # data where the softmax axis spans few enough blocks (`_sparse_softmax`).
         with _jax.set_current_trace(trace), jax.softmax_custom_jvp(True):
             outs = fun(*in_tracers)
         triples = [trace.to_triple(o) for o in outs]
