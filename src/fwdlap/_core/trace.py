@@ -248,17 +248,22 @@ class LapTrace(_jax.Trace):
             if any(not is_zero(j) for j in jacs[1:]):
                 reason = "a softmax argument other than x has tangents"
                 return traced, sparse_rules.Fallback("rule", reason)
-            if layout is None or layout[1] != tuple(range(len(layout[1]))):
-                reason = "jax.vmap moved the softmax's batch axis (or its rule is new)"
+            if layout is None:
+                reason = "the softmax's JVP rule is not the usual one"
                 return traced, sparse_rules.Fallback("rule", reason)
-            target = sparse.union_along(jac.idx, layout[0], ctx.max_blocks)
+            axes, perm = layout
+            # The blocks are found in the output's layout (jax.vmap may have moved the
+            # batch axis); the rule itself brings the aligned rows into that layout.
+            idx_out = np.transpose(jac.idx, (0, *(1 + p for p in perm)))
+            target = sparse.union_along(idx_out, axes, ctx.max_blocks)
             if target is None:
                 reason = (
                     f"the softmax depends on more than {ctx.max_blocks} blocks per "
                     "element"
                 )
                 return traced, sparse_rules.Fallback("threshold", reason)
-            rows = [sparse.align(jac, target), *jacs[1:]]
+            back = (0, *(1 + p for p in np.argsort(perm)))
+            rows = [sparse.align(jac, np.transpose(target, back)), *jacs[1:]]
             outs = softmax_rule(primals, rows, laps, jvp, symbolic_zeros, traced)
             if outs is None:
                 reason = "the softmax's JVP rule is not the usual one"
