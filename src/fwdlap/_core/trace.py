@@ -241,13 +241,13 @@ class LapTrace(_jax.Trace):
         jac = jacs[0]
         with _jax.set_current_trace(self.parent_trace):
             traced = trace_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
-            layout = softmax_layout(traced[1], len(primals))
             if not is_sparse(jac):
                 reason = "an operand's jacobian is already dense"
                 return traced, sparse_rules.Fallback("threshold", reason)
             if any(not is_zero(j) for j in jacs[1:]):
                 reason = "a softmax argument other than x has tangents"
                 return traced, sparse_rules.Fallback("rule", reason)
+            layout = softmax_layout(traced[1], len(primals))
             if layout is None:
                 reason = "the softmax's JVP rule is not the usual one"
                 return traced, sparse_rules.Fallback("rule", reason)
