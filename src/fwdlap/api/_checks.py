@@ -633,6 +633,48 @@ def check_outputs(api: str, out: Any) -> tuple[list[Any], Any]:
     return [leaf for _, leaf in flat], out_tree
 
 
+def check_has_aux(api: str, has_aux: object) -> bool:
+    """`has_aux` as a bool, or a `TypeError` naming the API."""
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"{api}: `has_aux` must be True or False, got {has_aux!r}.")
+    return has_aux
+
+
+def split_aux(api: str, result: Any) -> tuple[Any, Any]:
+    """`(output, aux)` from what a function called with `has_aux=True` returned."""
+    if isinstance(result, tuple | list):
+        items = cast(Sequence[Any], result)
+        if len(items) == 2:
+            return items[0], items[1]
+        what = f"a {type(items).__name__} of length {len(items)}"
+    else:
+        what = _describe(result)
+    raise TypeError(
+        f"{api}: with `has_aux=True` the function must return a pair "
+        f"`(output, aux)`, but it returned {what}. Return a 2-tuple whose second "
+        "element is the auxiliary data, or drop `has_aux=True`."
+    )
+
+
+def check_aux(api: str, aux: Any) -> tuple[list[Any], Any]:
+    """Flatten the auxiliary output; every leaf must be an array or a Python scalar.
+
+    The leaves are not wrapped in `jax.lax.stop_gradient`, which would also hide them
+    from transformations outside fwdlap (`jax.grad` of the aux through the call):
+    their tangents are dropped instead, and `jax.jit` removes the work.
+    """
+    flat, aux_tree = flatten_with_paths(aux)
+    for key_path, leaf in flat:
+        if not is_array_like(leaf):
+            raise TypeError(
+                f"{api}: the auxiliary output holds {_describe(leaf)} at "
+                f"aux{keystr(key_path)}, but with `has_aux=True` every leaf of aux "
+                "must be an array or a Python scalar. Return only arrays as aux, or "
+                "close over the other values."
+            )
+    return [leaf for _, leaf in flat], aux_tree
+
+
 # --- lap_pe ---------------------------------------------------------------------------
 
 

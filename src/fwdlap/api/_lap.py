@@ -2,7 +2,7 @@
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -35,21 +35,83 @@ def _densify(aval: Any, tangent: Any, lead: tuple[int, ...]) -> Any:
 
 
 class _OutTree:
-    """Holds the output structure of `fun`, which is known only once it has run."""
+    """Holds the output structure of `fun`, which is known only once it has run.
+
+    With `has_aux`, the flat outputs are the output's leaves followed by the leaves of
+    the auxiliary data (`aux_treedef`); `num_out` says where the first part ends.
+    """
 
     def __init__(self) -> None:
         self.treedef: Any = None
+        self.aux_treedef: Any = None
+        self.num_out: int = 0
+
+    def split(self, leaves: Sequence[Any]) -> tuple[list[Any], Any]:
+        """The output leaves, and the auxiliary data as a pytree (None without)."""
+        outs = list(leaves[: self.num_out])
+        if self.aux_treedef is None:
+            return outs, None
+        aux_leaves = list(leaves[self.num_out :])
+        return outs, jax.tree_util.tree_unflatten(self.aux_treedef, aux_leaves)
 
 
 def _flat_fun(
-    api: str, fun: Callable[..., Any], treedef: Any, store: _OutTree
+    api: str,
+    fun: Callable[..., Any],
+    treedef: Any,
+    store: _OutTree,
+    has_aux: bool = False,
 ) -> Callable[..., list[Any]]:
     def flat_fun(*leaves: Any) -> list[Any]:
         out = fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+        aux_leaves: list[Any] = []
+        if has_aux:
+            out, aux = _checks.split_aux(api, out)
+            aux_leaves, store.aux_treedef = _checks.check_aux(api, aux)
         out_leaves, store.treedef = _checks.check_outputs(api, out)
-        return out_leaves
+        store.num_out = len(out_leaves)
+        return out_leaves + aux_leaves
 
     return flat_fun
+
+
+@overload
+def lap(
+    fun: Callable[..., Any],
+    primals: Primals,
+    jacobians: Jacobians,
+    laplacians: Laplacians,
+    *,
+    sparsity: "_sparsity.Sparsity | int | bool | None" = None,
+    chunk_size: _chunking.ChunkSize = "auto",
+    has_aux: Literal[False] = False,
+) -> tuple[OutTree, OutTree, OutTree]: ...
+
+
+@overload
+def lap(
+    fun: Callable[..., Any],
+    primals: Primals,
+    jacobians: Jacobians,
+    laplacians: Laplacians,
+    *,
+    sparsity: "_sparsity.Sparsity | int | bool | None" = None,
+    chunk_size: _chunking.ChunkSize = "auto",
+    has_aux: Literal[True],
+) -> tuple[OutTree, OutTree, OutTree, Any]: ...
+
+
+@overload
+def lap(
+    fun: Callable[..., Any],
+    primals: Primals,
+    jacobians: Jacobians,
+    laplacians: Laplacians,
+    *,
+    sparsity: "_sparsity.Sparsity | int | bool | None" = None,
+    chunk_size: _chunking.ChunkSize = "auto",
+    has_aux: bool,
+) -> tuple[Any, ...]: ...
 
 
 @_checks.validates_own_inputs
@@ -61,7 +123,8 @@ def lap(
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
     chunk_size: _chunking.ChunkSize = "auto",
-) -> tuple[OutTree, OutTree, OutTree]:
+    has_aux: bool = False,
+) -> tuple[Any, ...]:
     r"""Evaluate a function with its jacobian and Laplacian in one forward pass.
 
     It is to the Laplacian what `jax.jvp` is to the derivative. Where `jax.jvp` pushes
@@ -132,6 +195,10 @@ def lap(
         carry them), on the CPU. A
         pass whose input jacobian is known only at run time cannot be windowed and
         is made whole.
+    - `has_aux`: as in `jax.jvp`: `fun` returns a pair `(output, aux)`, and only
+        `output` is differentiated. `aux` is any pytree of arrays (losses, intermediate
+        values, ...); it is returned as computed, without tangents, and costs
+        nothing in the forward-Laplacian pass.
 
     **Returns:**
 
@@ -139,6 +206,7 @@ def lap(
     `fun`'s output: `out = fun(*primals)`; each leaf of `jacobians_out` has shape
     `(n, *out_leaf.shape)`; each leaf of `laplacians_out` has its output leaf's shape.
     Tangents of outputs that do not depend on the inputs come back as dense zeros.
+    With `has_aux=True`, a 4-tuple `(out, jacobians_out, laplacians_out, aux)`.
 
     **Example:**
 
@@ -162,11 +230,12 @@ def lap(
     """
     spec = _sparsity.to_spec(_LAP, sparsity)
     chunk_size = _chunking.check_chunk_size(_LAP, chunk_size)
+    has_aux = _checks.check_has_aux(_LAP, has_aux)
     checked = _checks.check_inputs(
         _LAP, fun, primals, jacobians, laplacians, filtered=False
     )
     store = _OutTree()
-    flat_fun = _flat_fun(_LAP, fun, checked.treedef, store)
+    flat_fun = _flat_fun(_LAP, fun, checked.treedef, store, has_aux)
     args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
     if spec is None:
         outs, jacs, laps = _chunking.lap_flat_blocked(
@@ -176,11 +245,47 @@ def lap(
         outs, jacs, laps = _chunking.lap_flat_sparse(
             flat_fun, *args, checked.n, spec, chunk_size
         )
+    outs, aux = store.split(outs)
+    jacs, laps = jacs[: store.num_out], laps[: store.num_out]
     avals = [jax.typeof(o) for o in outs]
     jacs = [_densify(a, j, (checked.n,)) for a, j in zip(avals, jacs, strict=True)]
     laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=True)]
     unflatten = functools.partial(jax.tree_util.tree_unflatten, store.treedef)
-    return unflatten(outs), unflatten(jacs), unflatten(laps)
+    result = unflatten(outs), unflatten(jacs), unflatten(laps)
+    return (*result, aux) if has_aux else result
+
+
+@overload
+def lap_partial(
+    fun: Callable[..., Any],
+    primals: Primals,
+    example_jacobians: Jacobians,
+    example_laplacians: Laplacians,
+    *,
+    has_aux: Literal[False] = False,
+) -> tuple[OutTree, Partial]: ...
+
+
+@overload
+def lap_partial(
+    fun: Callable[..., Any],
+    primals: Primals,
+    example_jacobians: Jacobians,
+    example_laplacians: Laplacians,
+    *,
+    has_aux: Literal[True],
+) -> tuple[OutTree, Partial, Any]: ...
+
+
+@overload
+def lap_partial(
+    fun: Callable[..., Any],
+    primals: Primals,
+    example_jacobians: Jacobians,
+    example_laplacians: Laplacians,
+    *,
+    has_aux: bool,
+) -> tuple[Any, ...]: ...
 
 
 @_checks.validates_own_inputs
@@ -189,7 +294,9 @@ def lap_partial(
     primals: Primals,
     example_jacobians: Jacobians,
     example_laplacians: Laplacians,
-) -> tuple[OutTree, Partial]:
+    *,
+    has_aux: bool = False,
+) -> tuple[Any, ...]:
     r"""Evaluate a function now and its forward Laplacian later, for many tangents.
 
     It is to [`fwdlap.lap`][] what `jax.linearize` is to `jax.jvp`: it evaluates `fun`
@@ -216,12 +323,15 @@ def lap_partial(
         `(n, *primal_leaf.shape)`; only their shapes and zero pattern are used.
     - `example_laplacians`: the same for the laplacians (leaves shaped like the primal
         leaves).
+    - `has_aux`: as in `jax.linearize`: `fun` returns a pair `(output, aux)`, only
+        `output` is differentiated, and `aux` is returned as computed.
 
     **Returns:**
 
     A 2-tuple `(out, lap_pe)`: `out = fun(*primals)`, and `lap_pe(jacobians,
     laplacians) -> (jacobians_out, laplacians_out)`, which takes tangents shaped like
-    the examples and returns what [`fwdlap.lap`][] would.
+    the examples and returns what [`fwdlap.lap`][] would. With `has_aux=True`, a
+    3-tuple `(out, lap_pe, aux)`.
 
     **Example:**
 
@@ -242,6 +352,7 @@ def lap_partial(
     laplacian = jax.lax.fori_loop(0, 2, add_block, 0.0)  # == -jnp.sin(x).sum()
     ```
     """
+    has_aux = _checks.check_has_aux(_LAP_PARTIAL, has_aux)
     checked = _checks.check_inputs(
         _LAP_PARTIAL,
         fun,
@@ -251,7 +362,7 @@ def lap_partial(
         filtered=False,
     )
     store = _OutTree()
-    flat_fun = _flat_fun(_LAP_PARTIAL, fun, checked.treedef, store)
+    flat_fun = _flat_fun(_LAP_PARTIAL, fun, checked.treedef, store, has_aux)
     outs, pe_fn = lap_partial_flat(
         flat_fun,
         list(checked.primals),
@@ -259,11 +370,14 @@ def lap_partial(
         list(checked.laplacians),
         checked.n,
     )
+    outs, aux = store.split(outs)
     out_avals = tuple(jax.typeof(o) for o in outs)
     apply = functools.partial(
         _apply_lap_pe, _checks.partial_spec(checked), store.treedef, out_avals
     )
-    return jax.tree_util.tree_unflatten(store.treedef, outs), Partial(apply, pe_fn)
+    out = jax.tree_util.tree_unflatten(store.treedef, outs)
+    lap_pe = Partial(apply, pe_fn)
+    return (out, lap_pe, aux) if has_aux else (out, lap_pe)
 
 
 def _apply_lap_pe(
@@ -276,6 +390,8 @@ def _apply_lap_pe(
 ) -> tuple[Any, Any]:
     flat_j, flat_l = _checks.check_partial_tangents(spec, jacobians, laplacians)
     jacs, laps = pe_fn(flat_j, flat_l)
+    # Outputs come first; the auxiliary leaves after them have no tangents to return.
+    jacs, laps = jacs[: len(out_avals)], laps[: len(out_avals)]
     jacs = [_densify(a, j, (spec.n,)) for a, j in zip(out_avals, jacs, strict=True)]
     laps = [_densify(a, lp, ()) for a, lp in zip(out_avals, laps, strict=True)]
     unflatten = functools.partial(jax.tree_util.tree_unflatten, out_tree)

@@ -20,6 +20,7 @@ from jax import lax
 from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from . import _chunking
+from ._checks import check_aux, check_has_aux, split_aux
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
 from ._sparsity import Sparsity, to_spec
@@ -90,6 +91,17 @@ def _bind(
         return fun(*new_args, **kwargs)
 
     return _flatten_argument(api, argnums if is_tuple else argnums[0], x), f_x
+
+
+def _split_aux(api: str, f_x: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`f_x` for `has_aux=True`, its pair and aux checked in the name of `api`."""
+
+    def f_aux(x: Any) -> tuple[Any, Any]:
+        out, aux = split_aux(api, f_x(x))
+        leaves, treedef = check_aux(api, aux)
+        return out, jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return f_aux
 
 
 def _flatten_argument(api: str, argnums: Any, x: Any) -> _Argument:
@@ -308,15 +320,18 @@ def _evaluate(
     chunk_size: "_chunking.ChunkSize",
     want_jacobian: bool,
     sparsity: Any = None,
-) -> tuple[Any, Any, Any]:
-    """`(out, sum_g sign_g sum_k s_k^T H s_k, jacobian rows or None)` over all seeds.
+    has_aux: bool = False,
+) -> tuple[Any, Any, Any, Any]:
+    """`(out, sum_g sign_g sum_k s_k^T H s_k, jacobian rows or None, aux)`, all seeds.
 
     With `want_jacobian` (only for a single group) the jacobian rows of the outputs come
-    back as one array `(num, *out.shape)` per output leaf, in seed order.
+    back as one array `(num, *out.shape)` per output leaf, in seed order. With
+    `has_aux`, `f_x` returns `(output, aux)` and `aux` comes back as computed (else
+    None).
     """
     dim, dtype = arg.dim, arg.dtype
     if sparsity is not None:  # identity seeds only (checked by the callers)
-        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity)
+        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity, has_aux)
 
     most = max(g.num for g in groups)
     block = _chunking.resolve_chunk_size(chunk_size, f_x, (arg.tree,), most)
@@ -326,18 +341,24 @@ def _evaluate(
     if len(groups) == 1 and groups[0].num == size:
         g = groups[0]
         jac = _split_rows(_block(g, 0, size, dim, dtype), arg)
-        out, jac_out, lap_out = _lap_fn(
-            f_x, (arg.tree,), (jac,), (zero_laps,), chunk_size=None
+        result = _lap_fn(
+            f_x,
+            (arg.tree,),
+            (jac,),
+            (zero_laps,),
+            chunk_size=None,
+            has_aux=has_aux,
         )
+        out, jac_out, lap_out = result[:3]
         if g.sign < 0:
             lap_out = _negate(lap_out)
-        return out, lap_out, jac_out if want_jacobian else None
+        return out, lap_out, jac_out if want_jacobian else None, _aux(result, 3)
 
     example = _split_rows(jnp.zeros((size, dim), dtype), arg)
-    partial_out: tuple[Any, Any] = _lap_partial_fn(
-        f_x, (arg.tree,), (example,), (zero_laps,)
+    partial_out = _lap_partial_fn(
+        f_x, (arg.tree,), (example,), (zero_laps,), has_aux=has_aux
     )
-    out, pe = partial_out
+    out, pe = partial_out[:2]
     total: Any = None
     jacobian: Any = None
     for g in groups:
@@ -369,7 +390,12 @@ def _evaluate(
             lap_g = _negate(lap_g)
         total = lap_g if total is None else _add(total, lap_g)
         jacobian = rows
-    return out, total, jacobian
+    return out, total, jacobian, _aux(partial_out, 2)
+
+
+def _aux(result: tuple[Any, ...], index: int) -> Any:
+    """The auxiliary data at `result[index]`, or None where `has_aux` was off."""
+    return result[index] if len(result) > index else None
 
 
 def _evaluate_sparse(
@@ -378,22 +404,25 @@ def _evaluate_sparse(
     chunk_size: "_chunking.ChunkSize",
     want_jacobian: bool,
     sparsity: Any,
-) -> tuple[Any, Any, Any]:
+    has_aux: bool,
+) -> tuple[Any, Any, Any, Any]:
     """`_evaluate` for the unit vectors in the block-sparse mode.
 
     One sparse pass, whose dense jacobians `lap` evaluates in windows of whole
     particles as `chunk_size` says (the block-sparse ones once).
     """
     eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
-    out, rows, total = _lap_fn(
+    result = _lap_fn(
         f_x,
         (arg.tree,),
         (_split_rows(eye, arg),),
         (_zero_laplacians(arg),),
         sparsity=sparsity,
         chunk_size=chunk_size,
+        has_aux=has_aux,
     )
-    return out, total, rows if want_jacobian else None
+    out, rows, total = result[:3]
+    return out, total, rows if want_jacobian else None, _aux(result, 3)
 
 
 def _sum_blocks(stacked: Any) -> Any:
@@ -433,6 +462,7 @@ def laplacian(
     key: Any = None,
     probe_distribution: Literal["rademacher", "gaussian"] = "rademacher",
     sparsity: Sparsity | int | bool | None = None,
+    has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The Laplacian of `fun` with respect to one or more arguments, as a function.
 
@@ -487,11 +517,14 @@ def laplacian(
     - `key`: a `jax.random` key for the probes.
     - `probe_distribution`: `"rademacher"` (entries $\pm 1$, the default) or
         `"gaussian"` (standard normal entries).
+    - `has_aux`: as in `jax.grad`: `fun` returns a pair `(output, aux)`, only `output`
+        is differentiated, and `aux` (any pytree of arrays) is returned as computed.
 
     **Returns:**
 
     A function taking the same arguments as `fun` and returning a pytree shaped like
-    `fun`'s output: the Laplacian of every output leaf.
+    `fun`'s output: the Laplacian of every output leaf. With `has_aux=True` it returns
+    the pair `(laplacian, aux)`.
 
     **Weights and their cost.** Let $d$ be the number of coordinates. Without weights
     the pass uses the $d$ unit vectors as directions. A weight vector scales them:
@@ -541,6 +574,7 @@ def laplacian(
     """
     nums, is_tuple = _normalize_argnums(_LAPLACIAN, argnums)
     chunk = _chunking.check_chunk_size(_LAPLACIAN, chunk_size)
+    has_aux = check_has_aux(_LAPLACIAN, has_aux)
     num_probes = _check_positive_int(_LAPLACIAN, "probes", probes)
     sparse = _check_sparsity(
         _LAPLACIAN,
@@ -567,6 +601,8 @@ def laplacian(
     @functools.wraps(fun)
     def laplacian_fun(*args: Any, **kwargs: Any) -> Any:
         arg, f_x = _bind(_LAPLACIAN, fun, nums, is_tuple, args, kwargs)
+        if has_aux:
+            f_x = _split_aux(_LAPLACIAN, f_x)
         if weights is None:
             groups = [_Seeds(arg.dim, 1.0)]
         else:
@@ -575,10 +611,16 @@ def laplacian(
             groups = _probe_seeds(
                 _LAPLACIAN, groups, num_probes, key, probe_distribution, arg
             )
-        _, lap_out, _ = _evaluate(
-            f_x, arg, groups, chunk, want_jacobian=False, sparsity=sparse
+        _, lap_out, _, aux = _evaluate(
+            f_x,
+            arg,
+            groups,
+            chunk,
+            want_jacobian=False,
+            sparsity=sparse,
+            has_aux=has_aux,
         )
-        return lap_out
+        return (lap_out, aux) if has_aux else lap_out
 
     return laplacian_fun
 
@@ -589,6 +631,7 @@ def value_grad_and_laplacian(
     *,
     chunk_size: _chunking.ChunkSize = "auto",
     sparsity: Sparsity | int | bool | None = None,
+    has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any]]:
     r"""The value, gradient and Laplacian of a scalar function, in one forward pass.
 
@@ -613,13 +656,18 @@ def value_grad_and_laplacian(
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
+    - `has_aux`: as in `jax.value_and_grad`: `fun` returns a pair `(value, aux)` with
+        a real scalar `value`, only `value` is differentiated, and `aux` (any pytree
+        of arrays) is returned as computed.
 
     **Returns:**
 
     A function with `fun`'s signature returning `(value, grad, laplacian)`: `value` is
     `fun`'s output, `grad` has the structure of the differentiated argument (a tuple of
     them for a tuple `argnums`, as with `jax.grad`) and `laplacian` is
-    $\sum_i \partial^2 f / \partial x_i^2$ over all their coordinates.
+    $\sum_i \partial^2 f / \partial x_i^2$ over all their coordinates. With
+    `has_aux=True` it returns `((value, aux), grad, laplacian)`, as
+    `jax.value_and_grad` returns `((value, aux), grad)`.
 
     **Example:**
 
@@ -636,28 +684,38 @@ def value_grad_and_laplacian(
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
     chunk = _chunking.check_chunk_size(_VGL, chunk_size)
     sparse = _check_sparsity(_VGL, sparsity)
+    has_aux = check_has_aux(_VGL, has_aux)
 
     @functools.wraps(fun)
     def vgl_fun(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         arg, f_x = _bind(_VGL, fun, nums, is_tuple, args, kwargs)
+        if has_aux:
+            f_x = _split_aux(_VGL, f_x)
 
         def scalar_f(x: Any) -> Any:
-            out: Any = f_x(x)
+            result: Any = f_x(x)
+            out, aux = result if has_aux else (result, None)
             if not _is_real_scalar(out):
+                what = (
+                    "the first element of the function's pair must be"
+                    if has_aux
+                    else "the function must return"
+                )
                 raise TypeError(
-                    f"{_VGL}: the function must return a real floating-point scalar "
+                    f"{_VGL}: {what} a real floating-point scalar "
                     f"(an array of shape ()), got {_describe(out)}. Reduce the output "
                     "to a scalar first, or use fwdlap.laplacian for array outputs."
                 )
-            return out
+            return (out, aux) if has_aux else out
 
-        out, lap_out, rows = _evaluate(
+        out, lap_out, rows, aux = _evaluate(
             scalar_f,
             arg,
             [_Seeds(arg.dim, 1.0)],
             chunk,
             want_jacobian=True,
             sparsity=sparse,
+            has_aux=has_aux,
         )
         flat_grad = rows.reshape(arg.dim)
         pieces = _split_vector(flat_grad, arg, ())
@@ -666,7 +724,7 @@ def value_grad_and_laplacian(
             return g.astype(leaf.dtype)
 
         grad = jax.tree_util.tree_map(cast_leaf, pieces, arg.tree)
-        return out, grad, lap_out
+        return ((out, aux) if has_aux else out), grad, lap_out
 
     return vgl_fun
 
@@ -703,7 +761,10 @@ def _describe(out: Any) -> str:
 
 
 def hessian_diagonal(
-    fun: Callable[..., Any], argnums: int | Sequence[int] = 0
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    *,
+    has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The Hessian's diagonal, $\partial^2 f / \partial x_i^2$ for every coordinate.
 
@@ -719,6 +780,9 @@ def hessian_diagonal(
     - `fun`: the function. Its output is any pytree of arrays.
     - `argnums`: which positional argument(s) to differentiate with respect to: an int
         or a tuple of ints; the arguments may be pytrees of real floating-point arrays.
+    - `has_aux`: as in `jax.hessian`: `fun` returns a pair `(output, aux)`, only
+        `output` is differentiated, and `aux` (any pytree of arrays) is returned as
+        computed.
 
     **Returns:**
 
@@ -726,7 +790,8 @@ def hessian_diagonal(
     (pytree) shaped like the differentiated argument (a tuple of them for a tuple
     `argnums`). For array outputs it follows `jax.hessian`'s layout: each output leaf
     of shape `s` is replaced by the argument's structure with leaves of shape
-    `(*s, *leaf.shape)`, holding the diagonal of `jax.hessian`'s result.
+    `(*s, *leaf.shape)`, holding the diagonal of `jax.hessian`'s result. With
+    `has_aux=True` it returns the pair `(diagonal, aux)`.
 
     **Example:**
 
@@ -739,14 +804,17 @@ def hessian_diagonal(
     ```
     """
     nums, is_tuple = _normalize_argnums(_HESS_DIAG, argnums)
+    has_aux = check_has_aux(_HESS_DIAG, has_aux)
 
     @functools.wraps(fun)
     def hessian_diagonal_fun(*args: Any, **kwargs: Any) -> Any:
         arg, f_x = _bind(_HESS_DIAG, fun, nums, is_tuple, args, kwargs)
+        if has_aux:
+            f_x = _split_aux(_HESS_DIAG, f_x)
         zero_laps = _zero_laplacians(arg)
         example = _split_rows(jnp.zeros((1, arg.dim), arg.dtype), arg)
-        partial_out: tuple[Any, Any] = _lap_partial_fn(
-            f_x, (arg.tree,), (example,), (zero_laps,)
+        partial_out = _lap_partial_fn(
+            f_x, (arg.tree,), (example,), (zero_laps,), has_aux=has_aux
         )
         pe = partial_out[1]
 
@@ -767,6 +835,7 @@ def hessian_diagonal(
                 return jax.tree_util.tree_unflatten(arg.treedef, pieces)
             return _split_vector(jnp.moveaxis(d, 0, -1), arg, out_shape)
 
-        return jax.tree_util.tree_map(arrange, per_direction)
+        diagonal = jax.tree_util.tree_map(arrange, per_direction)
+        return (diagonal, _aux(partial_out, 2)) if has_aux else diagonal
 
     return hessian_diagonal_fun
