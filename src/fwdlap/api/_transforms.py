@@ -98,8 +98,8 @@ def _split_aux(api: str, f_x: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     def f_aux(x: Any) -> tuple[Any, Any]:
         out, aux = split_aux(api, f_x(x))
-        leaves, treedef = check_aux(api, aux)
-        return out, jax.tree_util.tree_unflatten(treedef, leaves)
+        check_aux(api, aux)
+        return out, aux
 
     return f_aux
 
