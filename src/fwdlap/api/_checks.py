@@ -619,18 +619,26 @@ def _raise_non_array_primal(
     )
 
 
+def _array_leaves(tree: Any) -> tuple[list[Any], Any, tuple[str, Any] | None]:
+    """The leaves and structure of `tree`, and the path and value of its first leaf
+    that is not an array or a Python scalar (None if every leaf is one)."""
+    flat, treedef = flatten_with_paths(tree)
+    bad = next(((keystr(p), x) for p, x in flat if not is_array_like(x)), None)
+    return [leaf for _, leaf in flat], treedef, bad
+
+
 def check_outputs(api: str, out: Any) -> tuple[list[Any], Any]:
     """Flatten `fun`'s output; every leaf must be an array or a Python scalar."""
-    flat, out_tree = flatten_with_paths(out)
-    for key_path, leaf in flat:
-        if not is_array_like(leaf):
-            raise TypeError(
-                f"{api}: `fun` returned {_describe(leaf)} at output"
-                f"{keystr(key_path)}, but every output leaf must be an "
-                "array or a Python scalar. Use fwdlap.lap_filter, which passes leaves "
-                "that are not arrays through unchanged, or return only arrays."
-            )
-    return [leaf for _, leaf in flat], out_tree
+    leaves, out_tree, bad = _array_leaves(out)
+    if bad is not None:
+        path, leaf = bad
+        raise TypeError(
+            f"{api}: `fun` returned {_describe(leaf)} at output{path}, but every "
+            "output leaf must be an array or a Python scalar. Use fwdlap.lap_filter, "
+            "which passes leaves that are not arrays through unchanged, or return "
+            "only arrays."
+        )
+    return leaves, out_tree
 
 
 def check_has_aux(api: str, has_aux: object) -> bool:
@@ -663,16 +671,15 @@ def check_aux(api: str, aux: Any) -> tuple[list[Any], Any]:
     from transformations outside fwdlap (`jax.grad` of the aux through the call):
     their tangents are dropped instead, and `jax.jit` removes the work.
     """
-    flat, aux_tree = flatten_with_paths(aux)
-    for key_path, leaf in flat:
-        if not is_array_like(leaf):
-            raise TypeError(
-                f"{api}: the auxiliary output holds {_describe(leaf)} at "
-                f"aux{keystr(key_path)}, but with `has_aux=True` every leaf of aux "
-                "must be an array or a Python scalar. Return only arrays as aux, or "
-                "close over the other values."
-            )
-    return [leaf for _, leaf in flat], aux_tree
+    leaves, aux_tree, bad = _array_leaves(aux)
+    if bad is not None:
+        path, leaf = bad
+        raise TypeError(
+            f"{api}: the auxiliary output holds {_describe(leaf)} at aux{path}, but "
+            "with `has_aux=True` every leaf of aux must be an array or a Python "
+            "scalar. Return only arrays as aux, or close over the other values."
+        )
+    return leaves, aux_tree
 
 
 # --- lap_pe ---------------------------------------------------------------------------
