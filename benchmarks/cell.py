@@ -9,7 +9,8 @@ Two subcommands, both run by :mod:`benchmarks.run` in a fresh process each::
 ``reference`` enables float64 and saves ``f`` and the trace of ``jax.hessian``
 for each configuration (one unbatched jitted call per configuration, which
 avoids the batched-hessian hang). ``time`` runs every method of the cell in
-this one process: build, lower and compile ``jit(vmap(lap_fn))``, a warm-up
+this one process: build, trace (timed on its own), lower and compile
+``jit(vmap(lap_fn))``, a warm-up
 call that also gives the error against the reference, then the timed calls,
 interleaved round-robin over methods so their ratios survive a noisy machine
 (each timed call right after an untimed one of the same method, so that no method
@@ -87,6 +88,19 @@ def relative_error(lap, ref) -> float:
     return float(np.max(np.abs(lap - ref) / np.maximum(np.abs(ref), floor)))
 
 
+def xla_flops(compiled) -> float | None:
+    """XLA's flop count of a compiled program (a loop body counts once)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(analysis, list):  # older jaxlibs: one dict per device
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
 def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
     """Builds, compiles and checks one method; returns (record, compiled fn).
 
@@ -95,7 +109,7 @@ def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
     """
     import jax
 
-    emit("status", method=name, phase="compile")
+    emit("status", method=name, phase="trace")
     if os.environ.get(SIMULATE_HANG_ENV) == name:
         time.sleep(10**6)
     try:
@@ -104,21 +118,32 @@ def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
         return {"status": "n/a", "reason": str(err)}, None
     try:
         start = time.perf_counter()
-        compiled = jax.jit(jax.vmap(lap_fn)).lower(xs).compile()
+        traced = jax.jit(jax.vmap(lap_fn)).trace(xs)
+        trace_s = time.perf_counter() - start
+        emit("status", method=name, phase="lower+compile")
+        start = time.perf_counter()
+        compiled = traced.lower().compile()
         compile_s = time.perf_counter() - start
     except Exception as err:
         traceback.print_exc()
         return {"status": "error", "reason": f"compile: {short_error(err)}"}, None
-    record: dict = {"status": "ok", "compile_s": compile_s}
+    record: dict = {
+        "status": "ok",
+        "trace_s": trace_s,
+        "compile_s": compile_s,
+        "startup_s": trace_s + compile_s,
+    }
     mem = compiled.memory_analysis()
     record["temp_bytes"] = None if mem is None else int(mem.temp_size_in_bytes)
+    record["flops"] = xla_flops(compiled)
     emit("status", method=name, phase="warmup")
     try:
         lap = jax.block_until_ready(compiled(xs))
     except Exception as err:
         traceback.print_exc()
         return {"status": "error", "reason": f"run: {short_error(err)}"}, None
-    record["max_rel_err"] = None if ref is None else relative_error(lap, ref)
+    not_lap = name in methods.NOT_LAPLACIAN
+    record["max_rel_err"] = None if ref is None or not_lap else relative_error(lap, ref)
     return record, compiled
 
 

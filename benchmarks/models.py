@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import faithful
+
 Params = dict[str, jax.Array]
 
 PINN_DIM = 50
@@ -363,6 +365,7 @@ BUILDERS = {
     "psiformer": build_psiformer,
     "particle_mlp": build_particle_mlp,
     "pinn": build_pinn,
+    **faithful.BUILDERS,
 }
 """Model name -> builder ``(n, key, dtype) -> Model``."""
 

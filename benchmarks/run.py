@@ -175,6 +175,7 @@ def run_worker(
 def reference_path(cfg: Config, model: str, n: int | None) -> Path:
     """Cache file of a cell's reference, keyed by the model code and settings."""
     digest = hashlib.sha1((BENCH_DIR / "models.py").read_bytes())
+    digest.update((BENCH_DIR / "faithful.py").read_bytes())
     digest.update(importlib.metadata.version("jax").encode())
     tag = f"{model}-{n}-b{cfg.batch}-s{cfg.seed}-{digest.hexdigest()[:10]}"
     return RESULTS_DIR / "cache" / f"ref-{tag}.npz"
