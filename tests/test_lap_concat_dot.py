@@ -88,6 +88,64 @@ def weights_from_x(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.tanh(g @ w))
 
 
+def _spread(m: jax.Array, how: str) -> jax.Array:
+    """The means `(F,)` copied to every particle `(N, F)`, in one of the usual ways."""
+    row = m[None]
+    if how == "tile":
+        return jnp.tile(row, (N, 1))
+    if how == "tile_of_vector":
+        return jnp.tile(m, (N, 1))
+    if how == "repeat":
+        return jnp.repeat(row, N, axis=0)
+    if how == "broadcast_to":
+        return jnp.broadcast_to(m, (N, F))
+    if how == "expand_dims_concatenate":
+        return jnp.concatenate([jnp.expand_dims(m, 0)] * N, axis=0)
+    if how == "index_array":
+        return row[jnp.zeros(N, jnp.int32)]
+    if how == "ones_times":
+        return jnp.ones((N, 1)) * row
+    raise ValueError(how)
+
+
+SPREADS = [
+    "tile",
+    "tile_of_vector",
+    "repeat",
+    "broadcast_to",
+    "expand_dims_concatenate",
+    "index_array",
+    "ones_times",
+]
+
+
+def spread_layer(how: str) -> Callable[[jax.Array], jax.Array]:
+    """FermiNet's layer input, the means copied to the particles in the way `how`."""
+
+    def fun(x: jax.Array) -> jax.Array:
+        h, m = _features(x)
+        g = jnp.concatenate([h, _spread(m, how), _spread(m**2, how)], axis=-1)
+        return jnp.sum(jnp.tanh(g @ W[: 3 * F]))
+
+    fun.__name__ = f"spread_{how}"
+    return fun
+
+
+def repeated_rows(x: jax.Array) -> jax.Array:
+    """Rows concatenated along a free axis, some of them the same value."""
+    h, m = _features(x)
+    row = m[None]
+    g = jnp.concatenate([row, h[:1], row, row], axis=0)
+    return jnp.sum(jnp.tanh(g @ W[:F]))
+
+
+def scaled_by_a_traced_column(x: jax.Array) -> jax.Array:
+    """`c * m` with a tangent-carrying `c` constant along the contracted axis."""
+    h, m = _features(x)
+    c = jnp.sin(x[:N])[:, None]
+    return jnp.sum(jnp.tanh((c * m[None]) @ W[:F]) * h[:, :1])
+
+
 FUNCTIONS = [
     ferminet_layer,
     weights_on_the_left,
@@ -96,6 +154,9 @@ FUNCTIONS = [
     concatenated_free_axis,
     batched_product,
     weights_from_x,
+    *(spread_layer(how) for how in SPREADS),
+    repeated_rows,
+    scaled_by_a_traced_column,
 ]
 
 
@@ -120,6 +181,18 @@ def test_broadcast_means_are_multiplied_before_broadcasting() -> None:
     assert (F,) in shapes and (n, F) in shapes
     # ... and no product sees the whole concatenation of 4F features.
     assert not any(s[-1] == 4 * F for s in shapes), shapes
+
+
+@pytest.mark.parametrize("how", SPREADS)
+def test_every_way_of_copying_means_is_multiplied_before_copying(how: str) -> None:
+    shapes = _dot_lhs_shapes(spread_layer(how))
+    n = X.size
+    assert (F,) in shapes or (1, F) in shapes, shapes
+    assert (n, F) in shapes or (n, 1, F) in shapes, shapes
+    # No product sees the means copied to every particle: only the per-particle
+    # features `h` (their value, laplacian and jacobian) are multiplied at full size.
+    assert not any(s[-1] == 3 * F for s in shapes), shapes
+    assert shapes.count((N, F)) == 2 and shapes.count((n, N, F)) == 1, shapes
 
 
 def test_no_split_without_a_cheap_broadcast() -> None:
