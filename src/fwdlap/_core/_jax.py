@@ -70,6 +70,7 @@ UNSPECIFIED_SHARDING = _sharding_impls.UNSPECIFIED
 jit_p = primitives.jit_p
 scan_p = primitives.scan_p
 while_p = primitives.while_p
+linear_solve_p = primitives.linear_solve_p  # lax.custom_linear_solve
 cond_p = primitives.cond_p
 remat_p = primitives.remat_p
 custom_jvp_call_p = primitives.custom_jvp_call_p

@@ -289,6 +289,10 @@ def _rev_idx(idx, *, dimensions, **_):
     return np.flip(idx, axis=tuple(d + 1 for d in dimensions))
 
 
+def _tile_idx(idx, *, reps, **_):
+    return np.tile(idx, (1, *reps))
+
+
 _NUMPY_IDX: dict[str, Callable[..., np.ndarray | None]] = {
     "broadcast_in_dim": _bid_idx,
     "reshape": _reshape_idx,
@@ -296,6 +300,7 @@ _NUMPY_IDX: dict[str, Callable[..., np.ndarray | None]] = {
     "squeeze": _squeeze_idx,
     "slice": _slice_idx,
     "rev": _rev_idx,
+    "tile": _tile_idx,
 }
 
 
@@ -477,7 +482,8 @@ def _copy_rule(positions: tuple[int, ...], make_fn, needs_values: bool = True):
 
 
 def _pad_fn(params, values):
-    return lambda a: lax.pad(a, np.int32(0), params["padding_config"])
+    # The padding value's slots fill the padding: it may carry a tangent too.
+    return lambda a, v: lax.pad(a, v, params["padding_config"])
 
 
 def _gather_fn(params, values):
@@ -497,7 +503,11 @@ def _dynamic_update_slice_fn(params, values):
 
 
 class _ScatterAdd:
-    """`scatter_add` with the call's indices, applied to other operands (block ids)."""
+    """`scatter_add` with the call's indices, applied to other operands (block ids).
+
+    It also stands for `scatter_min`/`scatter_max` (and `scatter_mul`): an output
+    element depends on the same sources whichever way they are combined.
+    """
 
     def __init__(self, params, values):
         (self.indices,) = values
@@ -760,6 +770,46 @@ def _paired_cross(primitive, da, ka, ia, db, kb, ib, params, bs, a, b):
     return jnp.sum(jnp.where(mask, prod, 0), axis=(0, 1)).astype(prod.dtype)
 
 
+def all_to_all_rule(ctx, primitive, primals, jacs, laps, params):
+    """Primitives whose every output element may depend on every input element.
+
+    `custom_linear_solve` (`jnp.linalg.solve`, `inv`): every element gets the union
+    of the blocks of all operands, so the rule stays sparse while that union is
+    within the threshold (a small system of one or two particles).
+    """
+    blocks = np.unique(
+        np.concatenate([j.idx.reshape(-1) for j in jacs if is_sparse(j)])
+    )
+    blocks = blocks[blocks >= 0].astype(np.int32)
+    if blocks.size > ctx.max_blocks:
+        return _too_many(ctx, f"{primitive} (every output element)", blocks.size)
+    k = max(blocks.size, 1)
+    column = np.full(k, -1, np.int32)
+    column[: blocks.size] = blocks
+
+    def slots(shape: Sequence[int]) -> np.ndarray:
+        return np.broadcast_to(column.reshape(k, *[1] * len(shape)), (k, *shape))
+
+    datas = {
+        i: sparse.align(j, slots(j.shape)) for i, j in enumerate(jacs) if is_sparse(j)
+    }
+    outs, jac_outs, lap_outs = dense_rule(primitive)(
+        primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
+    )
+    if not primitive.multiple_results:
+        shape = jnp.shape(outs)
+        return (
+            outs,
+            wrap(jac_outs, np.ascontiguousarray(slots(shape)), ctx.block_size),
+            lap_outs,
+        )
+    jac_outs = [
+        wrap(j, np.ascontiguousarray(slots(jnp.shape(o))), ctx.block_size)
+        for o, j in zip(outs, jac_outs, strict=True)
+    ]
+    return outs, jac_outs, lap_outs
+
+
 def no_tangent_rule(ctx, primitive, primals, jacs, laps, params):
     """Primitives whose outputs carry no tangent (comparisons, argmax, ...)."""
     out = primitive.bind(*primals, **params)
@@ -831,17 +881,19 @@ def _register() -> None:
     table["split"] = split_rule
     table["stack"] = stack_rule
     table["unstack"] = unstack_rule
-    table["pad"] = _copy_rule((0,), _pad_fn, needs_values=False)
+    table["pad"] = _copy_rule((0, 1), _pad_fn, needs_values=False)
     table["gather"] = _copy_rule((0,), _gather_fn)
     table["dynamic_slice"] = dynamic_slice_rule
     table["dynamic_update_slice"] = _copy_rule((0, 1), _dynamic_update_slice_fn)
     table["scatter"] = _copy_rule((0, 2), _scatter_fn)
-    table["scatter_add"] = scatter_add_rule
+    for name in ("scatter_add", "scatter_min", "scatter_max", "scatter_mul"):
+        table[name] = scatter_add_rule
     table["dot_general"] = dot_general_rule
     for name, rule in table.items():
         prim = lookup(name)
         if prim is not None:
             sparse_rules[prim] = rule
+    sparse_rules[_jax.linear_solve_p] = all_to_all_rule
     add_any = getattr(_jax, "add_any_p", None)
     if add_any is not None:
         sparse_rules[add_any] = elementwise_rule
