@@ -765,6 +765,27 @@ def test_on_densify_warn_for_rule_events() -> None:
     assert_triple_close(got, reference_triple(per_particle_custom_jvp, x))
 
 
+def test_missing_rule_warns_by_default_once_per_line() -> None:
+    # The same custom_jvp call on one source line, twice in one trace: one warning.
+    def twice(x: jax.Array) -> jax.Array:
+        return sum(soft_norm(embed(particles(s * x))) for s in (1.0, 2.0))
+
+    x = jnp.asarray(X)
+    with pytest.warns(fwdlap.DensificationWarning, match="soft_norm") as record:
+        got = jax.jit(lambda x: lap_of(twice, x, True))(x)
+    assert len([r for r in record if "soft_norm" in str(r.message)]) == 1
+    assert_triple_close(got, reference_triple(twice, x))
+
+
+def test_threshold_densification_does_not_warn_by_default() -> None:
+    x = jnp.asarray(X)
+    with fwdlap.record_densifications() as events, warnings.catch_warnings():
+        warnings.simplefilter("error", fwdlap.DensificationWarning)
+        got = lap_of(particle_mlp_sum, x, True)
+    assert events_summary(events) == [("reduce_sum", "threshold")]
+    assert_triple_close(got, reference_triple(particle_mlp_sum, x))
+
+
 def test_on_densify_warn_not_for_threshold_events() -> None:
     x = jnp.asarray(X)
     sparsity = fwdlap.Sparsity(on_densify="warn")

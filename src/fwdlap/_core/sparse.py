@@ -192,6 +192,10 @@ class SparseContext:
     max_blocks: int
     on_densify: str
     window: Window | None = None
+    # (primitive, source line) already warned about in this pass: warn once each.
+    warned: set[tuple[str, str | None]] = dataclasses.field(
+        default_factory=set, compare=False, hash=False, repr=False
+    )
 
     @property
     def n(self) -> int:
@@ -252,8 +256,16 @@ class SparseContext:
         if event.cause != "rule":
             return
         if self.on_densify == "warn":
+            key = (event.primitive, event.source)
+            if key in self.warned:
+                return
+            self.warned.add(key)
             warnings.warn(
-                f"fwdlap sparse mode: {event}", DensificationWarning, stacklevel=2
+                f"fwdlap sparse mode: {event}. The result is exact, but this part of "
+                "the pass runs dense; pass on_densify='log' or 'ignore' to "
+                "fwdlap.Sparsity to silence this warning.",
+                DensificationWarning,
+                stacklevel=2,
             )
         elif self.on_densify == "raise":
             raise DensificationError(
@@ -546,7 +558,7 @@ class SparseSpec:
 
     block_size: int | None = None
     threshold: int | None = None
-    on_densify: str = "log"
+    on_densify: str = "warn"
 
     def resolve(self, n: int, window: Window | None = None) -> SparseContext:
         block_size = self.block_size

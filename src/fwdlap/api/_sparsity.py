@@ -30,7 +30,10 @@ class Sparsity:
     [`fwdlap.Densification`][]: it is logged to the `fwdlap.sparse` logger at DEBUG
     level, collected by [`fwdlap.record_densifications`][], and, where it happened
     because fwdlap lacks a sparse rule (rather than because the values really depend
-    on many blocks), handled as `on_densify` says.
+    on many blocks), handled as `on_densify` says: by default a
+    [`fwdlap.DensificationWarning`][], once per primitive and line of your code in
+    each trace, since such a densification is a gap in fwdlap, not a property of the
+    model.
 
     Pass `sparsity=True` for the defaults, an integer `t` as shorthand for
     `Sparsity(threshold=t)` (the meaning of folx's `sparsity_threshold`), or an
@@ -47,8 +50,9 @@ class Sparsity:
     - `on_densify`: what to do when a jacobian is made dense because no sparse rule
         applies (a primitive without one, indices only known at run time, a
         custom_jvp function whose rule is not elementwise, ...): `"ignore"`,
-        `"log"` (the default), `"warn"` (a [`fwdlap.DensificationWarning`][]) or
-        `"raise"` (a [`fwdlap.DensificationError`][]).
+        `"log"` (DEBUG level only, like the threshold's densifications), `"warn"`
+        (the default: a [`fwdlap.DensificationWarning`][] once per primitive and
+        source line in each trace) or `"raise"` (a [`fwdlap.DensificationError`][]).
 
     **Example:**
 
@@ -69,7 +73,7 @@ class Sparsity:
 
     block_size: int | None = None
     threshold: int | None = None
-    on_densify: OnDensify = "log"
+    on_densify: OnDensify = "warn"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "threshold"):
