@@ -7,6 +7,7 @@ from ._core import zero_tangent_from_primal as zero_tangent_from_primal
 from .api import lap as lap
 from .api import lap_filter as lap_filter
 from .api import lap_partial as lap_partial
+from .api._biharmonic import biharmonic as biharmonic
 from .api._register import register_rule as register_rule
 from .api._sparsity import Densification as Densification
 from .api._sparsity import DensificationError as DensificationError
@@ -24,6 +25,7 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source che
 
 __all__ = ["Zero", "lap", "lap_partial", "zero_tangent_from_primal", "__version__"]
 __all__ += ["lap_filter"]
+__all__ += ["biharmonic"]
 __all__ += [
     "hessian_diagonal",
     "laplacian",

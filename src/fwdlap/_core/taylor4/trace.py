@@ -289,7 +289,8 @@ def taylor4_flat(
 
 # --- inner jaxprs --------------------------------------------------------------------
 
-Mask = tuple[bool, bool, bool, bool]
+Mask = tuple[bool, ...]
+"""Which of a value's four coefficients are non-zero."""
 
 
 def interleave(primals: Sequence[Any], series: Sequence[Any], masks: Sequence[Mask]):
