@@ -290,3 +290,111 @@ def test_outer_jaxtyping_checker_defers_to_our_messages() -> None:
     wrapped = jaxtyped(typechecker=beartype)(fwdlap.lap)
     with pytest.raises(TypeError, match=r"^fwdlap\.lap expects `primals`"):
         wrapped(jnp.sin, X, EYE, None)  # pyright: ignore[reportArgumentType]
+
+
+def test_lap_pe_bare_array_hint_shows_how_lap_pe_is_called() -> None:
+    """lap_pe takes `(jacobians, laplacians)` only: its hint must not show `fun`."""
+    with pytest.raises(TypeError) as info:
+        _lap_pe()(EYE, (None, None))
+    message = str(info.value)
+    assert "lap_pe((jacobian,), (laplacian,))" in message
+    assert "(fun, (x,)" not in message
+
+
+# --- the transforms -------------------------------------------------------------------
+
+TRANSFORMS = {
+    "laplacian": fwdlap.laplacian,
+    "value_grad_and_laplacian": fwdlap.value_grad_and_laplacian,
+    "hessian_diagonal": fwdlap.hessian_diagonal,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transform_of_a_non_callable_raises_at_once(name: str) -> None:
+    """As `jax.grad(3)` does: the mistake is reported where it is made."""
+    with pytest.raises(TypeError, match=rf"^fwdlap\.{name} expects `fun` to be a call"):
+        TRANSFORMS[name](3)  # pyright: ignore[reportArgumentType]
+
+
+class _Unregistered:
+    """A class that is not a pytree: JAX sees it as one opaque leaf."""
+
+    def __init__(self, w: jax.Array) -> None:
+        self.w = w
+
+
+class _WithFunction(eqx.Module):
+    w: jax.Array
+    act: Callable[[jax.Array], jax.Array]
+
+
+NON_ARRAY_ARGUMENTS: dict[str, tuple[Any, Callable[[Any], jax.Array], str, str]] = {
+    "string_in_dict": (
+        {"x": X, "label": "hi"},
+        lambda a: jnp.sum(a["x"] ** 2),
+        "the string 'hi' at path ['label']",
+        "eqx.partition",
+    ),
+    "unregistered_class": (
+        _Unregistered(X),
+        lambda a: jnp.sum(a.w**2),
+        "an object of type _Unregistered at path <root>",
+        "register_dataclass",
+    ),
+    "equinox_function_field": (
+        _WithFunction(X, jnp.tanh),
+        lambda m: jnp.sum(m.act(m.w)),
+        "the function tanh at path .act",
+        "fwdlap.lap_filter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_ARRAY_ARGUMENTS))
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transform_names_the_non_array_leaf_of_the_argument(
+    name: str, case: str
+) -> None:
+    argument, fun, leaf, fix = NON_ARRAY_ARGUMENTS[case]
+    with pytest.raises(TypeError) as info:
+        TRANSFORMS[name](fun)(argument)
+    message = str(info.value)
+    assert message.startswith(f"fwdlap.{name}: the differentiated argument")
+    assert leaf in message and fix in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "found"),
+    [
+        (0, "the Python int 0"),
+        (jnp.float32(1.5), "dtype float32"),
+        (jax.random.split(jax.random.key(0), 2), "array of keys of shape (2,)"),
+    ],
+    ids=["python_int", "float_array", "two_keys"],
+)
+def test_probe_key_must_be_one_random_key(key: Any, found: str) -> None:
+    with pytest.raises(TypeError) as info:
+        fwdlap.laplacian(jnp.sum, probes=2, key=key)
+    message = str(info.value)
+    assert message.startswith("fwdlap.laplacian: `key` must be")
+    assert found in message, message
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)])
+def test_probe_key_typed_and_raw_keys_are_accepted(key: Any) -> None:
+    # Rademacher probes are exact for a diagonal Hessian: sum(x**3) has 6 x_i on it.
+    got = fwdlap.laplacian(lambda x: jnp.sum(x**3), probes=2, key=key)(X)
+    np.testing.assert_allclose(got, 6 * jnp.sum(X), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [jnp.array([1.0 + 1.0j, 1.0, 1.0]), np.eye(3, dtype=complex), "heavy"],
+    ids=["complex_vector", "complex_matrix", "string"],
+)
+def test_weights_must_be_real(weights: Any) -> None:
+    with pytest.raises(
+        TypeError, match=r"^fwdlap\.laplacian: `weights` must be a real"
+    ):
+        fwdlap.laplacian(jnp.sum, weights=weights)

@@ -377,3 +377,209 @@ def test_argnums_out_of_range_and_integer_arguments(transform: Any):
         transform(two_args, argnums=2)(PARAMS, Y)
     with pytest.raises(TypeError, match=r"path \['k'\] with dtype int"):
         transform(lambda p: jnp.sum(p["x"] ** 2))({"x": X, "k": jnp.arange(3)})
+
+
+# --- NaN and infinite weights ------------------------------------------------------
+
+
+def quadratic_form(x: jax.Array) -> dict[str, Any]:
+    """Hessian [[2, 0, 1, 0], [0, -2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]] everywhere,
+    with zeros on and off the diagonal; two output leaves of different signs."""
+    f = x[0] ** 2 - x[1] ** 2 + x[0] * x[2] + x[3]
+    return {"f": f, "pair": jnp.stack([f, -3.0 * f])}
+
+
+NAN, INF = float("nan"), float("inf")
+X4 = jnp.array([0.3, -0.7, 1.1, 0.5])
+
+
+def _vector(**entries: float) -> np.ndarray:
+    w = np.ones(4)
+    for index, value in entries.items():
+        w[int(index[1:])] = value
+    return w
+
+
+def _matrix(*entries: tuple[int, int, float]) -> np.ndarray:
+    a = np.eye(4) + 0.25
+    for i, j, value in entries:
+        a[i, j] = value
+    return a
+
+
+NONFINITE_WEIGHTS = {
+    "vec-nan": _vector(i1=NAN),  # NaN whatever the Hessian
+    "vec-inf-positive-curvature": _vector(i0=INF),  # +inf * 2
+    "vec-inf-negative-curvature": _vector(i1=INF),  # +inf * -2
+    "vec-minus-inf": _vector(i1=-INF),  # -inf * -2
+    "vec-inf-zero-curvature": _vector(i2=INF),  # inf * 0: NaN
+    "vec-inf-opposite-signs": _vector(i0=INF, i1=INF),  # inf - inf: NaN
+    "mat-nan-diagonal": _matrix((1, 1, NAN)),
+    "mat-inf-off-diagonal": _matrix((0, 2, INF)),  # inf * H_02 = inf * 1
+    "mat-minus-inf-symmetric": _matrix((0, 2, -INF), (2, 0, -INF)),
+    "mat-inf-zero-entry": _matrix((0, 1, INF)),  # inf * H_01 = inf * 0: NaN
+}
+
+
+NONFINITE_CALLS = [
+    (case, mode) for case in sorted(NONFINITE_WEIGHTS) for mode in ("closed", "traced")
+] + [
+    (case, mode)
+    for case in ("vec-nan", "mat-inf-off-diagonal")
+    for mode in ("eager", "chunked")
+]
+
+
+@pytest.mark.parametrize(("case", "mode"), NONFINITE_CALLS)
+def test_nonfinite_weights_propagate_as_in_the_trace(case: str, mode: str):
+    """NaN and inf weights give what tr(A H) gives, for concrete and traced weights."""
+    weights = NONFINITE_WEIGHTS[case]
+    hess = jax.hessian(quadratic_form)(X4)
+    a = jnp.diag(weights) if weights.ndim == 1 else jnp.asarray(weights)
+    want = jax.tree_util.tree_map(lambda h: jnp.einsum("...ij,ji->...", h, a), hess)
+    if weights.ndim == 1:  # the issue's own reference for a vector
+        np.testing.assert_array_equal(want["f"], jnp.sum(weights * jnp.diag(hess["f"])))
+    if mode == "eager":
+        got = fwdlap.laplacian(quadratic_form, weights=weights)(X4)
+    elif mode == "closed":  # concrete weights, under jit
+        got = jax.jit(fwdlap.laplacian(quadratic_form, weights=jnp.asarray(weights)))(
+            X4
+        )
+    elif mode == "traced":
+        run = lambda x, w: fwdlap.laplacian(quadratic_form, weights=w)(x)
+        got = jax.jit(run)(X4, jnp.asarray(weights))
+    else:
+        got = fwdlap.laplacian(quadratic_form, weights=weights, chunk_size=1)(X4)
+    assert not np.all(np.isfinite(want["f"]))
+    assert_tree_close(got, want)
+
+
+def test_nonfinite_weights_with_probes_give_nan():
+    weights = _vector(i1=NAN)
+    key = jax.random.key(0)
+    got = fwdlap.laplacian(quadratic_form, weights=weights, probes=3, key=key)(X4)
+    assert np.all(np.isnan(jax.tree_util.tree_leaves(got)[0]))
+
+
+def test_finite_traced_weights_skip_the_nonfinite_passes():
+    # Finite weights: the result is the plain weighted Laplacian (no NaN from the
+    # branch that is not taken), here in a vmap over points as in a batch of walkers.
+    weights = _vector(i0=2.0, i1=-1.0)
+    run = jax.jit(
+        jax.vmap(lambda x, w: fwdlap.laplacian(quadratic_form, weights=w)(x), (0, None))
+    )
+    got = run(jnp.stack([X4, 2 * X4]), jnp.asarray(weights))
+    want = jnp.sum(weights * jnp.diag(jax.hessian(quadratic_form)(X4)["f"]))
+    np.testing.assert_allclose(got["f"], jnp.stack([want, want]), rtol=1e-12)
+
+
+# --- an argument without coordinates -----------------------------------------------
+
+
+def empty_fun(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.sum(x**2) * y[0] + jnp.sin(y[0]) + jnp.sum(jnp.tanh(x))
+
+
+EMPTY = jnp.zeros((0,))
+Y2 = jnp.array([0.4, 1.0])
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"chunk_size": None},
+        {"chunk_size": 1},
+        {"chunk_size": 3},
+        {"sparsity": True},
+        {"weights": np.zeros(0)},
+        {"weights": np.zeros((0, 0))},
+    ],
+    ids=["auto", "one-pass", "chunk-1", "chunk-3", "sparse", "vector", "matrix"],
+)
+def test_empty_argument_gives_zero_laplacian(options: dict[str, Any], jit: bool):
+    lap = fwdlap.laplacian(empty_fun, **options)
+    got = (jax.jit(lap) if jit else lap)(EMPTY, Y2)
+    assert got.shape == () and got == 0.0
+    vgl_options = {k: v for k, v in options.items() if k != "weights"}
+    vgl = fwdlap.value_grad_and_laplacian(empty_fun, **vgl_options)
+    value, grad, lap_value = (jax.jit(vgl) if jit else vgl)(EMPTY, Y2)
+    np.testing.assert_allclose(value, empty_fun(EMPTY, Y2))
+    assert grad.shape == (0,) and lap_value == 0.0
+
+
+def test_empty_argument_with_traced_weights_and_pytrees():
+    run = jax.jit(lambda w, x: fwdlap.laplacian(tree_out_empty, weights=w)(x))
+    got = run(jnp.zeros(0), {"a": jnp.zeros((0, 2)), "b": jnp.zeros(0)})
+    assert_tree_close(got, {"s": jnp.zeros(()), "v": jnp.zeros(3)})
+
+
+def tree_out_empty(p: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {"s": jnp.sum(p["a"] ** 2) + 1.0, "v": jnp.ones(3) * jnp.sum(p["b"])}
+
+
+# --- integer options of any integer type --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size",
+    [np.int64(2), np.int32(2), jnp.int32(2), jnp.asarray(2, dtype=jnp.int64)],
+    ids=["np.int64", "np.int32", "jnp.int32", "jax-int64-array"],
+)
+def test_chunk_size_and_probes_accept_any_integer(size: Any):
+    want = ref_laplacian(mlp, (X,))
+    np.testing.assert_allclose(fwdlap.laplacian(mlp, chunk_size=size)(X), want)
+    _, _, lap_value = fwdlap.value_grad_and_laplacian(mlp, chunk_size=size)(X)
+    np.testing.assert_allclose(lap_value, want)
+    got = fwdlap.lap(mlp, (X,), (jnp.eye(5),), (None,), chunk_size=size)[2]
+    np.testing.assert_allclose(got, want)
+    # Rademacher probes are exact for a diagonal Hessian.
+    diagonal = lambda x: jnp.sum(jnp.sin(x))
+    est = fwdlap.laplacian(diagonal, probes=size, key=jax.random.key(1))(X)
+    np.testing.assert_allclose(est, -jnp.sum(jnp.sin(X)), rtol=1e-12)
+
+
+# --- hessian_diagonal in blocks -------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, None, "auto"])
+@pytest.mark.parametrize("fun", [mlp, array_out, tree_out], ids=lambda f: f.__name__)
+def test_hessian_diagonal_chunk_size(fun: Any, chunk_size: Any):
+    want = jax.tree_util.tree_map(
+        lambda h: jnp.diagonal(h, axis1=-2, axis2=-1), jax.hessian(fun)(X)
+    )
+    got = jax.jit(fwdlap.hessian_diagonal(fun, chunk_size=chunk_size))(X)
+    assert_tree_close(got, want)
+
+
+def test_hessian_diagonal_chunked_with_integer_output():
+    fun = lambda x: (jnp.sum(jnp.sin(x) * x[0]), jnp.argmax(x))
+    got, int_part = fwdlap.hessian_diagonal(fun, chunk_size=2)(X)
+    np.testing.assert_allclose(got, jnp.diag(jax.hessian(lambda x: fun(x)[0])(X)))
+    assert int_part.dtype == jax.dtypes.float0 and int_part.shape == X.shape
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True])
+def test_hessian_diagonal_bad_chunk_size(bad: Any):
+    with pytest.raises(ValueError, match=r"fwdlap\.hessian_diagonal: `chunk_size`"):
+        fwdlap.hessian_diagonal(mlp, chunk_size=bad)
+
+
+# --- integer outputs: float0 tangents, as jax.jvp ----------------------------------
+
+
+def test_integer_output_tangents_are_float0_as_in_jax_jvp():
+    fun = lambda x: (jnp.argmax(x), x > 0.0, jnp.sum(x**2))
+    _, jvp_tangents = jax.jvp(fun, (X,), (jnp.ones_like(X),))
+    out, jac, lap = fwdlap.lap(fun, (X,), (jnp.eye(5),), (None,))
+    for i in (0, 1):
+        assert jvp_tangents[i].dtype == jax.dtypes.float0
+        assert jac[i].dtype == lap[i].dtype == jax.dtypes.float0
+        assert jac[i].shape == (5, *np.shape(out[i])) and lap[i].shape == np.shape(
+            out[i]
+        )
+    np.testing.assert_allclose(lap[2], 2.0 * 5)
+    assert fwdlap.laplacian(fun)(X)[0].dtype == jax.dtypes.float0
+    doc = fwdlap.lap.__doc__ or ""
+    assert "float0" in doc and "jax.jvp" in doc

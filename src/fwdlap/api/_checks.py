@@ -158,6 +158,11 @@ def _describe(x: object) -> str:
     return f"an object of type {type(x).__name__}"
 
 
+def describe(x: object) -> str:
+    """A short phrase for an object in an error message ("the string 'hi'", ...)."""
+    return _describe(x)
+
+
 # --- the checked result ---------------------------------------------------------------
 
 
@@ -214,17 +219,21 @@ def check_fun(api: str, fun: object) -> None:
         )
 
 
-def _check_sequence(api: str, name: str, value: object) -> tuple[Any, ...]:
+def _check_sequence(
+    api: str, name: str, value: object, example: str | None = None
+) -> tuple[Any, ...]:
     if isinstance(value, tuple | list):
         return tuple(cast(Sequence[Any], value))
     if is_array(value):
         found = f"a bare {_describe(value)[3:]}"
     else:
         found = _describe(value)
+    if example is None:
+        example = f"{api}(fun, (x,), (jacobian,), (laplacian,))"
     raise TypeError(
         f"{api} expects `{name}` to be a tuple or list with one entry per positional "
         f"argument of `fun`, but got {found}. Wrap it in a tuple, as for jax.jvp: "
-        f"{api}(fun, (x,), (jacobian,), (laplacian,))."
+        f"{example}."
     )
 
 
@@ -235,11 +244,16 @@ def check_arguments(
     laplacians: object,
     *,
     tangent_names: tuple[str, str] = ("jacobians", "laplacians"),
+    example: str | None = None,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
-    """`primals`, `jacobians` and `laplacians` must be tuples or lists of one length."""
-    primals_t = _check_sequence(api, "primals", primals)
-    jac_t = _check_sequence(api, tangent_names[0], jacobians)
-    lap_t = _check_sequence(api, tangent_names[1], laplacians)
+    """`primals`, `jacobians` and `laplacians` must be tuples or lists of one length.
+
+    `example` is the correct call that a message shows (by default `api(fun, (x,),
+    (jacobian,), (laplacian,))`).
+    """
+    primals_t = _check_sequence(api, "primals", primals, example)
+    jac_t = _check_sequence(api, tangent_names[0], jacobians, example)
+    lap_t = _check_sequence(api, tangent_names[1], laplacians, example)
     for name, tangents in zip(tangent_names, (jac_t, lap_t), strict=True):
         if len(tangents) != len(primals_t):
             raise ValueError(
@@ -724,7 +738,15 @@ def check_partial_tangents(
     that zero pattern and cannot take a tangent where it assumed none.
     """
     skeleton: tuple[Any, ...] = spec.skeleton
-    _, jac_t, lap_t = check_arguments(_LAP_PE, skeleton, jacobians, laplacians)
+    _, jac_t, lap_t = check_arguments(
+        _LAP_PE,
+        skeleton,
+        jacobians,
+        laplacians,
+        example="lap_pe((jacobian,), (laplacian,)), with one entry per positional "
+        "argument of the `fun` given to fwdlap.lap_partial (lap_pe itself takes no "
+        "`fun` and no primals)",
+    )
     j_leaves = flatten_tangents(_LAP_PE, "jacobians", jac_t, skeleton)
     l_leaves = flatten_tangents(_LAP_PE, "laplacians", lap_t, skeleton)
     sizes: list[tuple[str, int]] = []

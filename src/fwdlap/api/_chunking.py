@@ -17,6 +17,7 @@ about `AUTO_BLOCK_BYTES` of jacobians. Both were calibrated with `benchmarks/` o
   1.1x slower), 24 for FermiNet at N = 16 (0.36 MiB; 16 were 1.2x slower).
 """
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
@@ -53,20 +54,38 @@ SPARSE_AUTO_ROWS = 24
 """Directions per window of a sparse pass under `"auto"` (8 particles of 3)."""
 
 
+def as_positive_int(value: Any) -> int | None:
+    """`value` as a Python int if it is a positive integer, else None.
+
+    Anything `operator.index` accepts counts (`np.int64(2)`, a concrete JAX integer
+    scalar), except booleans.
+    """
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:  # also JAX's error for a traced integer
+        return None
+    return number if number >= 1 else None
+
+
 def check_chunk_size(api: str, chunk_size: Any) -> ChunkSize:
-    """`chunk_size` as given, after checking it is a positive int, "auto" or None."""
-    if chunk_size is None or chunk_size == AUTO:
+    """`chunk_size` after checking it is a positive integer, "auto" or None.
+
+    An integer of another type (a NumPy or concrete JAX integer scalar) comes back as a
+    Python int.
+    """
+    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == AUTO):
         return chunk_size
-    if (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
+    number = as_positive_int(chunk_size)
+    if number is None:
         raise ValueError(
             f'{api}: `chunk_size` must be a positive int, "auto" or None, got '
-            f"{chunk_size!r}."
+            f"{chunk_size!r}. Any integer type works (a Python int, np.int64, a "
+            "concrete JAX integer scalar), but not a traced value: the block size "
+            "fixes the shapes of the compiled program."
         )
-    return chunk_size
+    return number
 
 
 def _intermediate_bytes(jaxpr: Any, rows: int | None = None) -> int:

@@ -206,6 +206,9 @@ def lap(
     `fun`'s output: `out = fun(*primals)`; each leaf of `jacobians_out` has shape
     `(n, *out_leaf.shape)`; each leaf of `laplacians_out` has its output leaf's shape.
     Tangents of outputs that do not depend on the inputs come back as dense zeros.
+    Integer and boolean outputs are not differentiable: as `jax.jvp` does, their
+    jacobian and laplacian come back as zeros of dtype `jax.dtypes.float0` (shapes
+    `(n, *out_leaf.shape)` and `out_leaf.shape`), which hold no data.
     With `has_aux=True`, a 4-tuple `(out, jacobians_out, laplacians_out, aux)`.
 
     **Example:**

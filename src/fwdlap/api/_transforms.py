@@ -20,10 +20,16 @@ from jax import lax
 from .._core._jax import Tracer
 from .._core.zeros import zero_tangent_from_primal
 from . import _chunking
-from ._checks import check_aux, check_has_aux, split_aux
+from ._checks import check_aux, check_has_aux, describe, is_array_like, split_aux
 from ._lap import lap as _lap_fn
 from ._lap import lap_partial as _lap_partial_fn
 from ._sparsity import Sparsity, to_spec
+
+# JAX's loops and `eval_shape`, typed for a static checker (their stubs leave the
+# traced function's types unknown).
+_lax_map = cast(Callable[..., Any], lax.map)  # pyright: ignore[reportUnknownMemberType]
+_lax_cond = cast(Callable[..., Any], lax.cond)  # pyright: ignore[reportUnknownMemberType]
+_eval_shape = cast(Callable[..., Any], jax.eval_shape)  # pyright: ignore[reportUnknownMemberType]
 
 _LAPLACIAN = "fwdlap.laplacian"
 _VGL = "fwdlap.value_grad_and_laplacian"
@@ -104,6 +110,38 @@ def _split_aux(api: str, f_x: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return f_aux
 
 
+def _check_fun(api: str, fun: object) -> None:
+    """`fun` must be callable, checked when the transform is built (as `jax.grad`)."""
+    if not callable(fun):
+        raise TypeError(
+            f"{api} expects `fun` to be a callable as its first argument, but got "
+            f"{describe(fun)}. Pass the function itself: {api}(fun)(*args)."
+        )
+
+
+def _non_array_leaf(api: str, argnums: Any, path: Any, leaf: Any) -> TypeError:
+    where = _keystr(path)
+    if not path:
+        fix = (
+            " If it is a class of yours, register it as a pytree (for instance with "
+            "jax.tree_util.register_dataclass) or make it an equinox.Module, so that "
+            "its array fields become leaves."
+        )
+    else:
+        fix = ""
+    return TypeError(
+        f"{api}: the differentiated argument (argnums={argnums}) holds "
+        f"{describe(leaf)} at path {where}, not an array. Every leaf of the "
+        "arguments picked by `argnums` is differentiated, so each must be a real "
+        f"floating-point array.{fix} To differentiate only the arrays of a "
+        "structure that holds other values (strings, functions, static "
+        "configuration), split it with `params, static = eqx.partition(arg, "
+        "eqx.is_inexact_array)`, differentiate with respect to `params` and rebuild "
+        "the structure with `eqx.combine(params, static)` inside the function; or "
+        "use fwdlap.lap_filter, which holds leaves that are not arrays static."
+    )
+
+
 def _flatten_argument(api: str, argnums: Any, x: Any) -> _Argument:
     flat = cast(
         tuple[list[tuple[Any, Any]], Any],
@@ -112,6 +150,8 @@ def _flatten_argument(api: str, argnums: Any, x: Any) -> _Argument:
     path_leaves, treedef = flat
     leaves: list[jax.Array] = []
     for path, leaf in path_leaves:
+        if not is_array_like(leaf):
+            raise _non_array_leaf(api, argnums, path, leaf)
         arr = jnp.asarray(leaf)
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(
@@ -213,6 +253,49 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, Tracer)
 
 
+def _check_weights_dtype(api: str, weights: Any) -> None:
+    """`weights` must be real numbers: an array or array-like of a real dtype."""
+    try:
+        dtype = jnp.result_type(weights)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        what = describe(weights) if dtype is None else f"dtype {dtype}"
+        raise TypeError(
+            f"{api}: `weights` must be a real array (a vector of per-coordinate "
+            f"weights or a matrix), but got {what}. The Laplacian "
+            "tr(A H) of a real function is real; for complex weights compute the real "
+            "and imaginary parts as two weighted Laplacians and combine them."
+        )
+
+
+def _check_key(api: str, key: Any) -> None:
+    """`key` must be one `jax.random` key: typed (shape `()`) or raw (uint32)."""
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is not None and shape is not None:
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            if tuple(shape) == ():
+                return
+            raise TypeError(
+                f"{api}: `key` must be one random key, but got an array of keys of "
+                f"shape {tuple(shape)}. Pass a single key (for example `keys[0]`), "
+                "or jax.vmap the Laplacian over the keys."
+            )
+        if dtype == np.uint32 and len(shape) == 1:
+            return
+    seed = f"{key!r}" if isinstance(key, int) and not isinstance(key, bool) else "0"
+    raise TypeError(
+        f"{api}: `key` must be a JAX random key, as made by jax.random.key(seed) "
+        f"(or a raw key from jax.random.PRNGKey(seed)), but got {describe(key)}. "
+        f"Pass, for example, key=jax.random.key({seed})."
+    )
+
+
 def _weight_seeds(api: str, weights: Any, arg: _Argument) -> list[_Seeds]:
     """Seeds for `tr(A H)`: `A = diag(w)` for a vector, else `sum_k l_k u_k u_k^T`."""
     dim, dtype = arg.dim, arg.dtype
@@ -223,6 +306,8 @@ def _weight_seeds(api: str, weights: Any, arg: _Argument) -> list[_Seeds]:
             f"or ({dim}, {dim}) (a symmetric matrix), where {dim} is the total size of "
             f"the differentiated argument; got shape {shape}."
         )
+    if dim == 0:
+        return []
     if _is_concrete(weights):
         w = np.asarray(weights, dtype=np.float64)
         if w.ndim == 1:
@@ -261,6 +346,118 @@ def _weight_seeds(api: str, weights: Any, arg: _Argument) -> list[_Seeds]:
         _Seeds(dim, sign, dense=(u * jnp.sqrt(jnp.maximum(sign * lam, 0))).T)
         for sign in (1.0, -1.0)
     ]
+
+
+class _Nonfinite(NamedTuple):
+    """The weights that are NaN or infinite, as entries `values[e]` at `(rows[e],
+    cols[e])` of the weight matrix (`rows == cols` for a vector), counted where `mask`
+    is true. `any` is None when the entries are known to exist (concrete weights), or
+    the traced predicate "some weight is not finite"."""
+
+    rows: Any
+    cols: Any
+    values: Any
+    mask: Any
+    any: Any
+
+
+def _split_nonfinite(weights: Any, dtype: Any) -> tuple[Any, _Nonfinite | None]:
+    """`weights` with NaN and infinite entries set to 0, and those entries.
+
+    For concrete weights the entries are found now (None if there are none); for
+    traced weights every entry is a candidate, masked by `isfinite` at run time.
+    """
+    ndim = len(jnp.shape(weights))
+    if ndim not in (1, 2):
+        return weights, None  # the shape check that follows explains the mistake
+    if _is_concrete(weights):
+        w = np.asarray(weights, dtype=np.float64)
+        bad = ~np.isfinite(w)
+        if not bad.any():
+            return weights, None
+        index = np.nonzero(bad)
+        rows, cols = (index[0], index[0]) if ndim == 1 else index
+        entries = _Nonfinite(
+            jnp.asarray(rows),
+            jnp.asarray(cols),
+            jnp.asarray(w[bad], dtype),
+            jnp.ones(rows.shape, bool),
+            None,
+        )
+        return np.where(bad, 0.0, w), entries
+    w = jnp.asarray(weights, dtype)
+    bad = ~jnp.isfinite(w)
+    if ndim == 1:
+        rows = cols = jnp.arange(w.shape[0])
+    else:
+        rows, cols = (i.ravel() for i in jnp.indices(w.shape))
+    entries = _Nonfinite(rows, cols, w.ravel(), bad.ravel(), jnp.any(bad))
+    return jnp.where(bad, jnp.zeros((), dtype), w), entries
+
+
+def _add_nonfinite(
+    f_x: Callable[[Any], Any],
+    arg: _Argument,
+    entries: _Nonfinite,
+    lap_out: Any,
+    has_aux: bool,
+) -> Any:
+    """`lap_out` plus `sum_e values[e] * H[rows[e], cols[e]]` over the non-finite
+    weights, so that they propagate as in `tr(A H)` (NaN, or an infinity whose sign
+    follows the Hessian entry's, NaN where that entry is 0).
+
+    Each Hessian entry comes from two one-direction passes, by polarisation:
+    `H_ij = (q(e_i + e_j) - q(e_i - e_j)) / 4` with `q(v) = v^T H v` (for `i == j`,
+    `q(2 e_i) / 4`, exact). They run one after the other in a `jax.lax.map`, and for
+    traced weights under a `jax.lax.cond` that takes them only when some weight is
+    not finite.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(lap_out)
+    live = [i for i, leaf in enumerate(leaves) if not _is_float0(leaf)]
+    dim, dtype = arg.dim, arg.dtype
+
+    def terms() -> list[jax.Array]:
+        zero_laps = _zero_laplacians(arg)
+        example = _split_rows(jnp.zeros((1, dim), dtype), arg)
+        partial_out = _lap_partial_fn(
+            f_x, (arg.tree,), (example,), (zero_laps,), has_aux=has_aux
+        )
+        pe = partial_out[1]
+
+        def q(v: jax.Array) -> list[jax.Array]:
+            _, lap = pe((_split_rows(v[None], arg),), (zero_laps,))
+            flat = jax.tree_util.tree_leaves(lap)
+            return [flat[i] for i in live]
+
+        def term(entry: tuple[Any, Any, Any, Any]) -> list[jax.Array]:
+            i, j, value, keep = entry
+            e_i = jax.nn.one_hot(i, dim, dtype=dtype)
+            e_j = jax.nn.one_hot(j, dim, dtype=dtype)
+            plus, minus = q(e_i + e_j), q(e_i - e_j)
+            return [
+                jnp.where(keep, value.astype(p.dtype) * ((p - m) / 4), 0).astype(
+                    p.dtype
+                )
+                for p, m in zip(plus, minus, strict=True)
+            ]
+
+        stacked: list[jax.Array] = _lax_map(
+            term, (entries.rows, entries.cols, entries.values, entries.mask)
+        )
+        return [jnp.sum(t, axis=0) for t in stacked]
+
+    if entries.any is None:
+        extra = terms()
+    else:
+
+        def nothing() -> list[jax.Array]:
+            return [jnp.zeros(jnp.shape(leaves[i]), leaves[i].dtype) for i in live]
+
+        extra = _lax_cond(entries.any, terms, nothing)
+    out = list(leaves)
+    for i, value in zip(live, extra, strict=True):
+        out[i] = leaves[i] + value
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _probe_seeds(
@@ -306,11 +503,14 @@ def _probe_seeds(
 def _check_positive_int(api: str, name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    number = _chunking.as_positive_int(value)
+    if number is None:
         raise ValueError(
-            f"{api}: `{name}` must be a positive int or None, got {value!r}."
+            f"{api}: `{name}` must be a positive int or None, got {value!r}. Any "
+            "integer type works (a Python int, np.int64, a concrete JAX integer "
+            "scalar), but not a traced value: it fixes the shapes of the program."
         )
-    return value
+    return number
 
 
 def _evaluate(
@@ -330,6 +530,8 @@ def _evaluate(
     None).
     """
     dim, dtype = arg.dim, arg.dtype
+    if dim == 0:
+        return _evaluate_empty(f_x, arg, want_jacobian, has_aux)
     if sparsity is not None:  # identity seeds only (checked by the callers)
         return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity, has_aux)
 
@@ -396,6 +598,27 @@ def _evaluate(
 def _aux(result: tuple[Any, ...], index: int) -> Any:
     """The auxiliary data at `result[index]`, or None where `has_aux` was off."""
     return result[index] if len(result) > index else None
+
+
+def _evaluate_empty(
+    f_x: Callable[[Any], Any], arg: _Argument, want_jacobian: bool, has_aux: bool
+) -> tuple[Any, Any, Any, Any]:
+    """`_evaluate` for an argument without coordinates: a pass with no directions.
+
+    Its laplacians are zero and its jacobians have no rows, whatever the weights,
+    probes, chunks or sparsity asked for.
+    """
+    rows = np.zeros((0, 0), np.dtype(arg.dtype))
+    result = _lap_fn(
+        f_x,
+        (arg.tree,),
+        (_split_rows(rows, arg),),
+        (_zero_laplacians(arg),),
+        chunk_size=None,
+        has_aux=has_aux,
+    )
+    out, jac_out, lap_out = result[:3]
+    return out, lap_out, jac_out if want_jacobian else None, _aux(result, 3)
 
 
 def _evaluate_sparse(
@@ -523,8 +746,10 @@ def laplacian(
     **Returns:**
 
     A function taking the same arguments as `fun` and returning a pytree shaped like
-    `fun`'s output: the Laplacian of every output leaf. With `has_aux=True` it returns
-    the pair `(laplacian, aux)`.
+    `fun`'s output: the Laplacian of every output leaf. An integer or boolean output
+    leaf gets a float0 zero, as its tangent from `jax.jvp` would be. An argument
+    without coordinates (a leaf of shape `(0,)`) gives zeros. With `has_aux=True` it
+    returns the pair `(laplacian, aux)`.
 
     **Weights and their cost.** Let $d$ be the number of coordinates. Without weights
     the pass uses the $d$ unit vectors as directions. A weight vector scales them:
@@ -539,6 +764,18 @@ def laplacian(
     weight vector with $m$ non-zero entries costs one pass with $m$ directions. When it
     is traced, its signs are unknown at trace time and the cost is two passes of $d$
     directions each.
+
+    **NaN and infinite weights** propagate as they do through
+    $\operatorname{tr}(A \nabla^2 f) = \sum_{ij} A_{ij} \partial_i \partial_j f$: a NaN
+    weight makes the result NaN, and an infinite weight $A_{ij}$ contributes
+    $A_{ij} \cdot \partial_i \partial_j f$ in IEEE arithmetic ($\pm\infty$ with the
+    sign of the product, NaN where that second derivative is 0), the same eagerly
+    and under `jax.jit`, for concrete and traced weights alike. The finite weights
+    make the pass described above; each non-finite entry adds the Hessian entry it
+    multiplies, from two passes with one direction each. Concrete weights without
+    such entries cost nothing more; for traced weights those passes sit in a
+    `jax.lax.cond` that runs them only when some weight is not finite (both branches
+    run if the weights themselves are batched by `jax.vmap`).
 
     **Stochastic estimate and its variance.** With `probes=k` the Laplacian is
     estimated from $k$ random vectors $z_j$ with $\mathbb{E}[z z^\top] = I$:
@@ -572,8 +809,11 @@ def laplacian(
     fwdlap.laplacian(f, chunk_size=2)(x)  # 18, two directions at a time
     ```
     """
+    _check_fun(_LAPLACIAN, fun)
     nums, is_tuple = _normalize_argnums(_LAPLACIAN, argnums)
     chunk = _chunking.check_chunk_size(_LAPLACIAN, chunk_size)
+    if weights is not None:
+        _check_weights_dtype(_LAPLACIAN, weights)
     has_aux = check_has_aux(_LAPLACIAN, has_aux)
     num_probes = _check_positive_int(_LAPLACIAN, "probes", probes)
     sparse = _check_sparsity(
@@ -592,6 +832,8 @@ def laplacian(
             f"{_LAPLACIAN}: `key` was given without `probes`; pass `probes=k` for a "
             "stochastic estimate with k probe vectors, or drop `key`."
         )
+    if key is not None:
+        _check_key(_LAPLACIAN, key)
     if probe_distribution not in ("rademacher", "gaussian"):
         raise ValueError(
             f"{_LAPLACIAN}: `probe_distribution` must be 'rademacher' or 'gaussian', "
@@ -603,10 +845,12 @@ def laplacian(
         arg, f_x = _bind(_LAPLACIAN, fun, nums, is_tuple, args, kwargs)
         if has_aux:
             f_x = _split_aux(_LAPLACIAN, f_x)
+        nonfinite = None
         if weights is None:
             groups = [_Seeds(arg.dim, 1.0)]
         else:
-            groups = _weight_seeds(_LAPLACIAN, weights, arg)
+            finite, nonfinite = _split_nonfinite(weights, arg.dtype)
+            groups = _weight_seeds(_LAPLACIAN, finite, arg)
         if num_probes is not None:
             groups = _probe_seeds(
                 _LAPLACIAN, groups, num_probes, key, probe_distribution, arg
@@ -620,6 +864,8 @@ def laplacian(
             sparsity=sparse,
             has_aux=has_aux,
         )
+        if nonfinite is not None and arg.dim:
+            lap_out = _add_nonfinite(f_x, arg, nonfinite, lap_out, has_aux)
         return (lap_out, aux) if has_aux else lap_out
 
     return laplacian_fun
@@ -669,6 +915,17 @@ def value_grad_and_laplacian(
     `has_aux=True` it returns `((value, aux), grad, laplacian)`, as
     `jax.value_and_grad` returns `((value, aux), grad)`.
 
+    **Why no `weights` or `probes`.** The gradient is read from the jacobian rows of
+    the $d$ unit directions, which are also the directions of the plain Laplacian: the
+    gradient comes for free. Probes would replace them by $k < d$ random directions,
+    which determine neither the gradient nor anything the unit directions do not
+    already give exactly. Weights would replace them by the directions
+    $\sqrt{|\lambda_k|}\, u_k$ of $A$, whose rows are $S^\top \nabla f$, from which
+    the gradient cannot be recovered where $A$ is singular (a zero weight). For a
+    weighted Laplacian together with the gradient, call
+    [`fwdlap.laplacian`][] with `weights` and `jax.grad` (under one `jax.jit` the
+    primal is shared).
+
     **Example:**
 
     ```python
@@ -681,6 +938,7 @@ def value_grad_and_laplacian(
     kinetic = -0.5 * (lap + jnp.sum(g**2))         # -1/2 (lap psi) / psi
     ```
     """
+    _check_fun(_VGL, fun)
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
     chunk = _chunking.check_chunk_size(_VGL, chunk_size)
     sparse = _check_sparsity(_VGL, sparsity)
@@ -760,10 +1018,35 @@ def _describe(out: Any) -> str:
     return f"a {type(out).__name__} with {len(leaves)} leaves"
 
 
+def _map_in_blocks(fn: Callable[[Any], Any], xs: jax.Array, block: int) -> Any:
+    """`jax.vmap(fn)(xs)`, evaluated `block` entries at a time by `jax.lax.map`.
+
+    Float0 leaves (the tangents of integer outputs) stay out of the loop, which
+    cannot carry them, and come back as float0 zeros.
+    """
+    shapes = _eval_shape(fn, xs[0])
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    live = [i for i, leaf in enumerate(leaves) if leaf.dtype != jax.dtypes.float0]
+
+    def live_leaves(x: Any) -> list[Any]:
+        flat = jax.tree_util.tree_leaves(fn(x))
+        return [flat[i] for i in live]
+
+    mapped = iter(_lax_map(live_leaves, xs, batch_size=block))
+    out: list[Any] = [
+        next(mapped)
+        if i in live
+        else np.zeros((xs.shape[0], *leaf.shape), jax.dtypes.float0)
+        for i, leaf in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def hessian_diagonal(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
+    chunk_size: _chunking.ChunkSize = "auto",
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The Hessian's diagonal, $\partial^2 f / \partial x_i^2$ for every coordinate.
@@ -780,6 +1063,12 @@ def hessian_diagonal(
     - `fun`: the function. Its output is any pytree of arrays.
     - `argnums`: which positional argument(s) to differentiate with respect to: an int
         or a tuple of ints; the arguments may be pytrees of real floating-point arrays.
+    - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
+        blocks of this many (`jax.lax.map` with `batch_size`, the blocks one after
+        the other), so that memory grows with the block instead of with $d$; `None`
+        is one `jax.vmap` over all $d$ directions; `"auto"` (the default) uses blocks
+        of 8 to 32 on the CPU where the $d$ directions' jacobians would take more
+        than about 6 MiB, and one `vmap` otherwise.
     - `has_aux`: as in `jax.hessian`: `fun` returns a pair `(output, aux)`, only
         `output` is differentiated, and `aux` (any pytree of arrays) is returned as
         computed.
@@ -803,7 +1092,9 @@ def hessian_diagonal(
     fwdlap.hessian_diagonal(f)(jnp.array([0.5, 1.0]))   # -sin(x)
     ```
     """
+    _check_fun(_HESS_DIAG, fun)
     nums, is_tuple = _normalize_argnums(_HESS_DIAG, argnums)
+    chunk = _chunking.check_chunk_size(_HESS_DIAG, chunk_size)
     has_aux = check_has_aux(_HESS_DIAG, has_aux)
 
     @functools.wraps(fun)
@@ -823,7 +1114,12 @@ def hessian_diagonal(
             _, lap_out = pe((_split_rows(seed, arg),), (zero_laps,))
             return lap_out
 
-        per_direction = jax.vmap(one_direction)(jnp.arange(arg.dim))
+        directions = jnp.arange(arg.dim)
+        block = _chunking.resolve_chunk_size(chunk, f_x, (arg.tree,), arg.dim)
+        if block is None:
+            per_direction = jax.vmap(one_direction)(directions)
+        else:
+            per_direction = _map_in_blocks(one_direction, directions, block)
 
         def arrange(d: Any) -> Any:
             out_shape = tuple(d.shape[1:])
