@@ -26,8 +26,9 @@ papers (no project's code was copied):
   same-spin pairs and ``c = 1/2, a = a_anti`` for opposite-spin pairs.
 
 Every function benchmarked is ``log|psi|(x)`` for ``x`` of shape ``(3N,)``.
-Parameters are drawn in float32 from a key and cast to the requested dtype, as in
-:mod:`benchmarks.models`, so a float64 reference process sees the same numbers.
+Parameters are drawn in float32 (with NumPy, seeded from a JAX key) and cast to the
+requested dtype, as in :mod:`benchmarks.models`, so a float64 reference process sees
+the same numbers.
 The orbital and envelope parameters are drawn near the papers' initialisation
 (``pi = sigma = 1``) with a 10% spread so that the determinants are not degenerate.
 """
@@ -99,15 +100,19 @@ def electron_sites(system: System) -> np.ndarray:
 
     Up and down electrons are placed separately, each spin filling the nuclei in
     turn up to about half of each nucleus's charge, as a neutral molecule's
-    atoms would hold them.
+    atoms would hold them; the down electrons start their round one nucleus
+    further on, so that O2's 9 up and 7 down electrons sit 8 and 8.
     """
     sites = []
-    for count in (system.n_up, system.n_down):
+    n_atom = len(system.charges)
+    for spin, count in enumerate((system.n_up, system.n_down)):
         remaining = [(z + 1) // 2 for z in system.charges]
+        order = [(spin + k) % n_atom for k in range(n_atom)]
         placed = 0
         while placed < count:
             progressed = False
-            for atom, left in enumerate(remaining):
+            for atom in order:
+                left = remaining[atom]
                 if placed < count and left > 0:
                     sites.append(atom)
                     remaining[atom] -= 1
@@ -135,11 +140,28 @@ def sampler(
 # --------------------------------------------------------------------------- helpers
 
 
-def linear_init(key: jax.Array, fan_in: int, fan_out: int, bias: bool = True) -> Params:
+def numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key.
+
+    Parameters are drawn with NumPy: drawing them with ``jax.random`` compiles one
+    small XLA program per shape, which took longer than the models' own
+    compilation.
+    """
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 draws."""
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def linear_init(
+    rng: np.random.Generator, fan_in: int, fan_out: int, bias: bool = True
+) -> Params:
     """A float32 dense layer with ``1/sqrt(fan_in)``-scaled normal weights."""
-    p = {"w": jax.random.normal(key, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in)}
+    p = {"w": normal(rng, (fan_in, fan_out)) / np.float32(np.sqrt(fan_in))}
     if bias:
-        p["b"] = jnp.zeros((fan_out,), jnp.float32)
+        p["b"] = np.zeros((fan_out,), np.float32)
     return p
 
 
@@ -176,31 +198,31 @@ def electron_electron(r: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ------------------------------------------------------------ orbitals + determinants
 
 
-def init_orbitals(key: jax.Array, width: int, system: System, n_det: int) -> Params:
+def init_orbitals(
+    rng: np.random.Generator, width: int, system: System, n_det: int
+) -> Params:
     """Per-spin orbital layers and envelopes for ``n_det`` full determinants."""
     n, n_atom = system.n, len(system.charges)
     params = {}
-    for spin, k in zip(("up", "down"), jax.random.split(key), strict=True):
-        k_w, k_pi, k_sig = jax.random.split(k, 3)
+    for spin in ("up", "down"):
         params[spin] = {
-            "lin": linear_init(k_w, width, n_det * n),
-            "pi": 1.0 + 0.1 * jax.random.normal(k_pi, (n_atom, n_det * n), jnp.float32),
-            "sigma": 1.0
-            + 0.1 * jax.random.normal(k_sig, (n_atom, n_det * n), jnp.float32),
+            "lin": linear_init(rng, width, n_det * n),
+            "pi": 1.0 + 0.1 * normal(rng, (n_atom, n_det * n)),
+            "sigma": 1.0 + 0.1 * normal(rng, (n_atom, n_det * n)),
         }
     return params
 
 
 def full_determinants(
     p: Params, h: jax.Array, r_ae: jax.Array, system: System, n_det: int
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """``log|sum_k det_k|`` over ``n_det`` full ``N x N`` orbital matrices.
 
     Orbital ``j`` of determinant ``k`` at electron ``i`` is
     ``(w_kj . h_i + b_kj) * sum_I pi_kjI exp(-|sigma_kjI| r_iI)``, with weights
     chosen by electron ``i``'s spin; every electron enters every orbital, so each
     determinant is of one ``N x N`` matrix. The determinants are summed in log
-    space with their signs.
+    space with their signs; returns ``(sign, log|sum|)``.
     """
     n, n_up = system.n, system.n_up
     rows = []
@@ -213,7 +235,8 @@ def full_determinants(
         rows.append(linear(q["lin"], h[sl]) * env)
     orb = jnp.concatenate(rows, axis=0).reshape(n, n_det, n)
     sign, logdet = jnp.linalg.slogdet(jnp.transpose(orb, (1, 0, 2)))
-    return jax.nn.logsumexp(logdet, b=sign, return_sign=True)[0]
+    logabs, total_sign = jax.nn.logsumexp(logdet, b=sign, return_sign=True)
+    return total_sign, logabs
 
 
 # ------------------------------------------------------------------------- FermiNet
@@ -228,33 +251,34 @@ def build_ferminet_paper(
     width2: int = 32,
     n_det: int = 16,
     system: System | None = None,
+    signed: bool = False,
 ):
     """The published FermiNet (full determinants) for the system with ``n`` electrons.
 
     ``layers``, ``width1``, ``width2`` and ``n_det`` default to the paper's values;
-    tests use smaller ones. ``system`` overrides :func:`system_for`.
+    tests use smaller ones. ``system`` overrides :func:`system_for`. With
+    ``signed=True`` the model's ``fn`` returns ``(sign psi, log|psi|)``.
     """
     from benchmarks.models import Model
 
     system = system or system_for(n)
     n, n_up = system.n, system.n_up
     n_atom = len(system.charges)
-    k_layers, k_orb = jax.random.split(key)
+    rng = numpy_rng(key)
     in1, in2 = 4 * n_atom, 4
     layer_params = []
-    for i, k in enumerate(jax.random.split(k_layers, layers)):
-        k1, k2 = jax.random.split(k)
-        entry = {"one": linear_init(k1, 3 * in1 + 2 * in2, width1)}
+    for i in range(layers):
+        entry = {"one": linear_init(rng, 3 * in1 + 2 * in2, width1)}
         # The last layer's two-electron output would feed nothing: the orbitals
         # read the one-electron stream only.
         if i < layers - 1:
-            entry["two"] = linear_init(k2, in2, width2)
+            entry["two"] = linear_init(rng, in2, width2)
         layer_params.append(entry)
         in1, in2 = width1, width2
     params = cast(
         {
             "layers": layer_params,
-            "orbitals": init_orbitals(k_orb, width1, system, n_det),
+            "orbitals": init_orbitals(rng, width1, system, n_det),
         },
         dtype,
     )
@@ -288,7 +312,8 @@ def build_ferminet_paper(
             if "two" in p:
                 new2 = jnp.tanh(linear(p["two"], h2))
                 h2 = new2 + h2 if new2.shape == h2.shape else new2
-        return full_determinants(params["orbitals"], h1, r_ae, system, n_det)
+        sign, logabs = full_determinants(params["orbitals"], h1, r_ae, system, n_det)
+        return (sign, logabs) if signed else logabs
 
     return Model("ferminet_paper", n, 3 * n, fn, sampler(system))
 
@@ -326,38 +351,40 @@ def build_psiformer_paper(
     mlp_width: int = 256,
     n_det: int = 16,
     system: System | None = None,
+    signed: bool = False,
 ):
     """The published Psiformer for the system with ``n`` electrons.
 
     The defaults are the paper's; tests use smaller ones. ``mlp_width`` must equal
-    ``width`` for the MLP's residual connection (the paper's choice).
+    ``width`` for the MLP's residual connection (the paper's choice). With
+    ``signed=True`` the model's ``fn`` returns ``(sign psi, log|psi|)``.
     """
     from benchmarks.models import Model
 
     system = system or system_for(n)
     n, n_up = system.n, system.n_up
     n_atom = len(system.charges)
-    k_emb, k_layers, k_orb, k_jas = jax.random.split(key, 4)
+    rng = numpy_rng(key)
+    embed = linear_init(rng, 4 * n_atom + 1, width, bias=False)
     layer_params = []
-    for k in jax.random.split(k_layers, layers):
-        kq, kk, kv, ko, km = jax.random.split(k, 5)
+    for _ in range(layers):
         layer_params.append(
             {
-                "q": linear_init(kq, width, heads * head_dim, bias=False)["w"],
-                "k": linear_init(kk, width, heads * head_dim, bias=False)["w"],
-                "v": linear_init(kv, width, heads * head_dim, bias=False)["w"],
-                "o": linear_init(ko, heads * head_dim, width, bias=False)["w"],
-                "ln1": {"scale": jnp.ones(width), "offset": jnp.zeros(width)},
-                "mlp": linear_init(km, width, mlp_width),
-                "ln2": {"scale": jnp.ones(width), "offset": jnp.zeros(width)},
+                "q": linear_init(rng, width, heads * head_dim, bias=False)["w"],
+                "k": linear_init(rng, width, heads * head_dim, bias=False)["w"],
+                "v": linear_init(rng, width, heads * head_dim, bias=False)["w"],
+                "o": linear_init(rng, heads * head_dim, width, bias=False)["w"],
+                "ln1": {"scale": np.ones(width), "offset": np.zeros(width)},
+                "mlp": linear_init(rng, width, mlp_width),
+                "ln2": {"scale": np.ones(width), "offset": np.zeros(width)},
             }
         )
     params = cast(
         {
-            "embed": linear_init(k_emb, 4 * n_atom + 1, width, bias=False),
+            "embed": embed,
             "layers": layer_params,
-            "orbitals": init_orbitals(k_orb, width, system, n_det),
-            "jastrow": 1.0 + 0.1 * jax.random.normal(k_jas, (2,), jnp.float32),
+            "orbitals": init_orbitals(rng, width, system, n_det),
+            "jastrow": 1.0 + 0.1 * normal(rng, (2,)),
         },
         dtype,
     )
@@ -390,8 +417,9 @@ def build_psiformer_paper(
             h = layer_norm(p["ln1"], h + multi_head_attention(p, h, heads))
             h = layer_norm(p["ln2"], h + jnp.tanh(linear(p["mlp"], h)))
         _, r_ee = electron_electron(r)
-        logdet = full_determinants(params["orbitals"], h, r_ae, system, n_det)
-        return logdet + jastrow(r_ee)
+        sign, logdet = full_determinants(params["orbitals"], h, r_ae, system, n_det)
+        logabs = logdet + jastrow(r_ee)
+        return (sign, logabs) if signed else logabs
 
     return Model("psiformer_paper", n, 3 * n, fn, sampler(system))
 

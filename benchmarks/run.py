@@ -2,7 +2,9 @@
 
 Usage::
 
-    python -m benchmarks.run            # N = 8, 16, 32, every model and method
+    python -m benchmarks.run            # N = 8, 16, 32, every model and method,
+                                        # the published FermiNet and Psiformer at
+                                        # 7, 10, 16 and 32 electrons (N, Ne, O2, Ge)
     python -m benchmarks.run --n64      # ... and N = 64
     python -m benchmarks.run --quick    # the < 3 minute smoke run (see README)
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from benchmarks import apply_safe_xla_flags, report
 from benchmarks.cell import EVENT_PREFIX
+from benchmarks.faithful import SIZES as FAITHFUL_SIZES
 from benchmarks.methods import METHODS
 from benchmarks.models import BUILDERS, SIZE_FREE
 
@@ -38,6 +41,24 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 HESSIAN_MAX_N = 16
 """Largest N at which batched ``jax.hessian`` runs (it hangs past it on CPU)."""
+
+FAITHFUL = ("ferminet_paper", "psiformer_paper")
+"""The published FermiNet and Psiformer (:mod:`benchmarks.faithful`)."""
+
+FAITHFUL_METHODS = (
+    "hessian",
+    "ferminet_loop",
+    "folx_dense",
+    "folx_sparse",
+    "fwdlap",
+    "fwdlap_sparse",
+    "floor",
+)
+"""Methods run on the published models (the rows of issue 19), when ``--methods``
+is not given: the fwdlap variants tuned on the small models are left out there."""
+
+MODELS = ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn", *FAITHFUL)
+"""Models of a default run, in table order."""
 
 MAX_RETRIES = 2
 """How many times a cell is rerun after a hang or crash, each without the culprit."""
@@ -78,12 +99,22 @@ class Config:
     mode: str
     use_cache: bool
     quick_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    model_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def sizes_for(self, model: str) -> tuple[int | None, ...]:
         """Electron counts to run ``model`` at (``(None,)`` for size-free models)."""
         if model in SIZE_FREE:
             return (None,)
         return self.quick_sizes.get(model, self.sizes)
+
+    def methods_for(self, model: str) -> tuple[str, ...]:
+        """Methods to run on ``model``: ``methods``, narrowed per model if set."""
+        only = self.model_methods.get(model)
+        return (
+            self.methods
+            if only is None
+            else tuple(m for m in self.methods if m in only)
+        )
 
 
 # ------------------------------------------------------------------ subprocesses
@@ -206,7 +237,7 @@ def ensure_reference(
 
 def skipped_methods(cfg: Config, model: str, n: int | None) -> dict[str, dict]:
     """Methods of a cell not run at all, with the reason."""
-    if n is not None and n > HESSIAN_MAX_N and "hessian" in cfg.methods:
+    if n is not None and n > HESSIAN_MAX_N and "hessian" in cfg.methods_for(model):
         reason = f"N > {HESSIAN_MAX_N}: batched jax.hessian hangs on the CPU backend"
         return {"hessian": {"status": "skipped", "reason": reason}}
     return {}
@@ -263,8 +294,9 @@ def run_cell(cfg: Config, model: str, n: int | None, on_event) -> dict:
     blamed = skipped_methods(cfg, model, n)
     want_hessian_err = "hessian" in blamed
     result, records, extra, notes = None, {}, {}, []
+    cell_methods = cfg.methods_for(model)
     for _ in range(MAX_RETRIES + 1):
-        todo = [m for m in cfg.methods if m not in blamed]
+        todo = [m for m in cell_methods if m not in blamed]
         if not todo:
             break
         args = ["time", "--model", model, "--n", str(n), "--batch", str(cfg.batch)]
@@ -287,7 +319,7 @@ def run_cell(cfg: Config, model: str, n: int | None, on_event) -> dict:
         cell["notes"].append(f"worker stopped in {method}: {record['reason']}")
     cell["methods"] = {
         m: records.get(m) or blamed.get(m) or {"status": "error", "reason": "no result"}
-        for m in cfg.methods
+        for m in cell_methods
     }
     cell["hessian_f32_err"] = extra.get("hessian_f32_err")
     cell["device"] = extra.get("device")
@@ -426,10 +458,14 @@ def run(cfg: Config) -> dict:
     return results
 
 
+QUICK_FAITHFUL_METHODS = ("hessian", "folx_dense", "fwdlap", "fwdlap_sparse", "floor")
+"""Methods of ``--quick`` on the published FermiNet (folx_sparse alone traces 30 s)."""
+
 QUICK = {
-    "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn"),
+    "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn", FAITHFUL[0]),
     "sizes": (8, 16),
-    "quick_sizes": {"psiformer": (8,), "particle_mlp": (32,)},
+    "quick_sizes": {"psiformer": (8,), "particle_mlp": (32,), "ferminet_paper": (7,)},
+    "model_methods": {"ferminet_paper": QUICK_FAITHFUL_METHODS},
     "methods": tuple(m for m in METHODS if m not in ("folx_sparse", "jvp_of_grad")),
     "repeats": 3,
     "timeout_s": 120.0,
@@ -469,9 +505,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> Config:
     """Merges defaults, ``--quick`` overrides and explicit flags."""
     base = {
-        "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn"),
+        "models": MODELS,
         "sizes": (8, 16, 32),
-        "quick_sizes": {},
+        "quick_sizes": {m: FAITHFUL_SIZES for m in FAITHFUL},
+        "model_methods": {m: FAITHFUL_METHODS for m in FAITHFUL},
         "methods": tuple(METHODS),
         "repeats": 10,
         "timeout_s": 600.0,
@@ -491,6 +528,8 @@ def make_config(args: argparse.Namespace) -> Config:
             base[key] = tuple(value) if isinstance(value, list) else value
     if args.sizes is not None:
         base["quick_sizes"] = {}
+    if args.methods is not None:
+        base["model_methods"] = {}
     return Config(
         batch=args.batch,
         seed=args.seed,
