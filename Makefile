@@ -2,7 +2,8 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# Avoids a CPU-backend hang of jaxlib 0.10.2 on 2-core machines (see DESIGN.md).
+# Avoids a CPU-backend hang of jaxlib 0.10.x on larger vmapped programs (see
+# docs/installation.md, "The CPU scheduler flag").
 export XLA_FLAGS ?= --xla_cpu_enable_concurrency_optimized_scheduler=false
 
 .PHONY: demo test test-oldest lint typecheck unit docs docs-build bench bench-quick clean

@@ -28,7 +28,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
-# Avoids a jaxlib CPU-backend hang on small machines (see DESIGN.md).
+# Avoids a jaxlib 0.10 CPU-backend hang on larger vmapped programs (see the
+# installation page of the documentation, docs/installation.md).
 if "concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 

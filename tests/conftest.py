@@ -3,7 +3,7 @@
 import os
 
 # Four simulated CPU devices for the sharding tests, and the scheduler flag that
-# avoids a jaxlib CPU-backend hang on small machines (see DESIGN.md). Both must be set
+# avoids a jaxlib 0.10 CPU-backend hang (see docs/installation.md). Both must be set
 # before JAX initialises its backend.
 _flags = os.environ.get("XLA_FLAGS", "")
 for _flag in (
