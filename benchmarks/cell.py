@@ -113,7 +113,7 @@ def prepare_method(name: str, model, xs, ref) -> tuple[dict, object]:
     if os.environ.get(SIMULATE_HANG_ENV) == name:
         time.sleep(10**6)
     try:
-        lap_fn = methods.make_laplacian(name, model.fn)
+        lap_fn = methods.make_laplacian(name, models.method_input(model, name))
     except methods.Unavailable as err:
         return {"status": "n/a", "reason": str(err)}, None
     try:

@@ -300,14 +300,35 @@ def build_ferminet_paper(
                 parts.append(jnp.zeros((n, h2.shape[2]), h2.dtype))
         return jnp.concatenate(parts, axis=-1)
 
-    def fn(x: jax.Array) -> jax.Array:
+    def split_layer(p: Params, h1: jax.Array, h2: jax.Array) -> jax.Array:
+        """``linear(p, symmetric_features(h1, h2))`` with the product split.
+
+        The spin means of ``h1`` are the same for every electron: multiplied by
+        their rows of the weights before broadcasting, they cost one row each
+        instead of ``N``. This is the floor's FermiNet (see ``Model.floor_fn``).
+        """
+        w, b = p["w"], p["b"]
+        d1, d2 = h1.shape[1], h2.shape[2]
+        out = h1 @ w[:d1] + b
+        for k, sl in enumerate((slice(0, n_up), slice(n_up, n))):
+            if sl.stop > sl.start:
+                g = jnp.mean(h1[sl], axis=0, keepdims=True)
+                out = out + g @ w[(k + 1) * d1 : (k + 2) * d1]
+                start = 3 * d1 + k * d2
+                out = out + jnp.mean(h2[:, sl], axis=1) @ w[start : start + d2]
+        return out
+
+    def network(x: jax.Array, split: bool):
         r = x.reshape(n, 3)
         ae, r_ae = electron_nucleus(r, nuclei)
         ee, r_ee = electron_electron(r)
         h1 = jnp.concatenate([ae, r_ae[..., None]], axis=-1).reshape(n, 4 * n_atom)
         h2 = jnp.concatenate([ee, r_ee[..., None]], axis=-1)
         for p in params["layers"]:
-            new1 = jnp.tanh(linear(p["one"], symmetric_features(h1, h2)))
+            if split:
+                new1 = jnp.tanh(split_layer(p["one"], h1, h2))
+            else:
+                new1 = jnp.tanh(linear(p["one"], symmetric_features(h1, h2)))
             h1 = new1 + h1 if new1.shape == h1.shape else new1
             if "two" in p:
                 new2 = jnp.tanh(linear(p["two"], h2))
@@ -315,7 +336,13 @@ def build_ferminet_paper(
         sign, logabs = full_determinants(params["orbitals"], h1, r_ae, system, n_det)
         return (sign, logabs) if signed else logabs
 
-    return Model("ferminet_paper", n, 3 * n, fn, sampler(system))
+    def fn(x: jax.Array):
+        return network(x, split=False)
+
+    def floor_fn(x: jax.Array):
+        return network(x, split=True)
+
+    return Model("ferminet_paper", n, 3 * n, fn, sampler(system), floor_fn)
 
 
 # ------------------------------------------------------------------------ Psiformer

@@ -35,6 +35,9 @@ class Model:
         dim: size of one flat configuration ``x``.
         fn: ``x -> scalar``.
         sample: ``(key, batch) -> (batch, dim)`` configurations.
+        floor_fn: the same function written to do the least arithmetic, which the
+            ``floor`` method evaluates instead of ``fn`` when set (FermiNet's layer
+            products with the broadcast spin means split, as fwdlap does).
     """
 
     name: str
@@ -42,6 +45,14 @@ class Model:
     dim: int
     fn: Callable[[jax.Array], jax.Array]
     sample: Callable[[jax.Array, int], jax.Array]
+    floor_fn: Callable[[jax.Array], jax.Array] | None = None
+
+
+def method_input(model: Model, method: str) -> Callable[[jax.Array], jax.Array]:
+    """The function ``method`` differentiates: ``floor_fn`` for ``floor`` if set."""
+    if method == "floor" and model.floor_fn is not None:
+        return model.floor_fn
+    return model.fn
 
 
 # --------------------------------------------------------------------------- helpers

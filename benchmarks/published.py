@@ -18,6 +18,8 @@ configurations at once, the arithmetic no forward pass can go below).
 ``jax.hessian`` reference (computed once in a subprocess, cached in
 ``benchmarks/results/cache`` like the runner's). ``--densifications`` lists where
 fwdlap's sparse mode made jacobians dense (``fwdlap.record_densifications``).
+``--profile DIR`` writes a ``jax.profiler`` trace of 3 calls of each method (per-op
+times, for Perfetto).
 
 Systems: ``N`` (7 electrons), ``Ne`` (10), ``O2`` (16), ``Ge`` (32), ``Li`` (3).
 Method names are those of ``benchmarks.methods`` plus the aliases ``fwdlap_dense``
@@ -32,7 +34,7 @@ import sys
 import time
 
 from benchmarks import faithful, methods, models
-from benchmarks.cell import relative_error, xla_flops
+from benchmarks.cell import relative_error, short_error, xla_flops
 
 ALIASES = {
     "fwdlap_dense": "fwdlap",
@@ -123,16 +125,22 @@ def time_model(args, model_name: str) -> None:
         row: dict = {}
         rows[name] = row
         try:
-            lap_fn = methods.make_laplacian(name, model.fn)
+            lap_fn = methods.make_laplacian(name, models.method_input(model, name))
         except methods.Unavailable as err:
             row["note"] = f"n/a: {err}"
             continue
-        start = time.perf_counter()
-        traced = jax.jit(jax.vmap(lap_fn)).trace(xs)
-        row["trace_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        fn = traced.lower().compile()
-        row["compile_s"] = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            traced = jax.jit(jax.vmap(lap_fn)).trace(xs)
+            trace_s = time.perf_counter() - start
+            start = time.perf_counter()
+            fn = traced.lower().compile()
+            compile_s = time.perf_counter() - start
+        except Exception as err:  # a half-finished rule should cost one row only
+            row["note"] = f"error: {short_error(err)}"
+            print(f"  {name}: {row['note']}", flush=True)
+            continue
+        row["trace_s"], row["compile_s"] = trace_s, compile_s
         row["flops"] = xla_flops(fn)
         mem = fn.memory_analysis()
         row["temp_mib"] = None if mem is None else mem.temp_size_in_bytes / 2**20
@@ -154,7 +162,9 @@ def time_model(args, model_name: str) -> None:
     for name, ts in times.items():
         rows[name]["ms"] = statistics.median(ts)
         rows[name]["ms_min"] = min(ts)
-    folx = [rows[m]["ms"] for m in ("folx_dense", "folx_sparse") if "ms" in rows[m]]
+    folx = [
+        rows[m]["ms"] for m in ("folx_dense", "folx_sparse") if "ms" in rows.get(m, {})
+    ]
     best_folx = min(folx) if folx else None
     floor = rows.get("floor", {}).get("ms")
     folx_start = [
@@ -188,8 +198,26 @@ def time_model(args, model_name: str) -> None:
             f"{f(start_up / best_folx_start if best_folx_start else None, '.2f')} | "
             f"{f(row.get('err'), '.1e')} |"
         )
+    if args.profile:
+        profile(compiled, xs, args.profile, model_name)
     if args.densifications:
         densifications(model)
+
+
+def profile(compiled: dict, xs, out_dir: str, model_name: str) -> None:
+    """Writes a ``jax.profiler`` trace of 3 calls of each method under ``out_dir``.
+
+    Open ``<out_dir>/<model>-<method>/plugins/profile/*/*.trace.json.gz`` in
+    Perfetto (ui.perfetto.dev) for the time of each XLA op.
+    """
+    import jax
+
+    for name, fn in compiled.items():
+        path = f"{out_dir}/{model_name}-{name}"
+        with jax.profiler.trace(path):
+            for _ in range(3):
+                jax.block_until_ready(fn(xs))
+        print(f"profile of {name}: {path}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -208,6 +236,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--check", action="store_true", help="errors vs a float64 jax.hessian"
+    )
+    p.add_argument(
+        "--profile", metavar="DIR", help="write jax.profiler traces of each method"
     )
     p.add_argument(
         "--densifications",

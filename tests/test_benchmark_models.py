@@ -117,6 +117,16 @@ def test_fwdlap_matches_hessian(name: str) -> None:
     np.testing.assert_allclose(float(sparse), float(expected), rtol=1e-9)
 
 
+def test_ferminet_floor_is_the_same_function() -> None:
+    """The floor's FermiNet (layer products split) computes the same ``log|psi|``."""
+    model = small_model("ferminet_paper", "O2")
+    assert model.floor_fn is not None
+    x = walker(model)
+    np.testing.assert_allclose(
+        float(jax.jit(model.floor_fn)(x)), float(jax.jit(model.fn)(x)), rtol=1e-12
+    )
+
+
 def test_electrons_sit_by_charge() -> None:
     """O2's electrons are spread over both nuclei; Ge's all around its one."""
     o2 = faithful.electron_sites(faithful.SYSTEMS["O2"])
