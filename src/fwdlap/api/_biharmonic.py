@@ -1,7 +1,6 @@
 r"""`biharmonic`: $\Delta^2 f$ in one collapsed fourth-order Taylor pass."""
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from jax import lax
 
 from .._core.taylor4 import Context, taylor4_flat
+from .._core.taylor4.moments import exact_design
 from .._core.zeros import is_zero
 from . import _chunking
 from ._checks import check_has_aux, check_outputs
@@ -26,56 +26,11 @@ from ._transforms import (
 
 _BIHARMONIC = "fwdlap.biharmonic"
 
-# The unit vectors along the 6 axes of the icosahedron (through opposite vertices):
-# a projective 4-design of R^3 (the 12 vertices are a spherical 5-design).
-_GOLDEN = (1 + math.sqrt(5)) / 2
-_ICOSAHEDRON_AXES = np.array(
-    [
-        [0, 1, _GOLDEN],
-        [0, 1, -_GOLDEN],
-        [1, _GOLDEN, 0],
-        [1, -_GOLDEN, 0],
-        [_GOLDEN, 0, 1],
-        [-_GOLDEN, 0, 1],
-    ]
-) / math.sqrt(1 + _GOLDEN**2)
-
 
 def exact_directions(dim: int) -> tuple[np.ndarray, np.ndarray]:
-    r"""Directions $v_k$ and weights $w_k$ with $\Delta^2 f = \sum_k w_k D^4_{v_k} f$.
-
-    The identity holds for every $f$ exactly when $\sum_k w_k v_k^{\otimes 4}$ is the
-    symmetrised $\delta \otimes \delta$ (the fourth-moment tensor of $|x|^4$):
-
-    - $d = 1$: $v = e_1$, $w = 1$ (1 direction);
-    - $d = 2$: the three lines at $0°, 60°, 120°$, $w = 8/9$ (3 directions);
-    - $d = 3$: the six axes of the icosahedron, $w = 5/6$ (6 directions);
-    - $d \ge 4$: $e_i \pm e_j$ ($i < j$) with $w = 1/6$ and, unless $d = 4$, $e_i$ with
-      $w = (4 - d)/3$ ($d^2$ directions; 12 at $d = 4$).
-
-    The last follows from
-    $D^4_{e_i + e_j} + D^4_{e_i - e_j} = 2\partial_i^4 + 12\partial_i^2\partial_j^2
-    + 2\partial_j^4$. Any such set has at least $d(d+1)/2$ directions; the first three
-    reach that bound.
-    """
-    if dim == 1:
-        return np.ones((1, 1)), np.ones(1)
-    if dim == 2:
-        angles = np.arange(3) * np.pi / 3
-        return np.stack([np.cos(angles), np.sin(angles)], 1), np.full(3, 8 / 9)
-    if dim == 3:
-        return _ICOSAHEDRON_AXES.copy(), np.full(6, 5 / 6)
-    eye = np.eye(dim)
-    rows: list[np.ndarray] = []
-    weights: list[float] = []
-    if dim != 4:
-        rows.extend(eye)
-        weights.extend([(4 - dim) / 3] * dim)
-    for i in range(dim):
-        for j in range(i + 1, dim):
-            rows.extend([eye[i] + eye[j], eye[i] - eye[j]])
-            weights.extend([1 / 6, 1 / 6])
-    return np.stack(rows), np.asarray(weights)
+    r"""Directions and weights with $\Delta^2 f = \sum_k w_k D^4_{v_k} f$."""
+    v, w = exact_design(dim)
+    return v.copy(), w.copy()
 
 
 def _folded(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +44,12 @@ def _evaluate(
     rows: Any,
     signs: tuple[float, ...] | None,
     has_aux: bool,
+    moments: bool = False,
 ) -> tuple[Any, Any]:
-    """One pass with the direction `rows` `(n, d)`: `(24 X4 per output leaf, aux)`."""
+    """One pass with the direction `rows` `(n, d)`: `(24 X4 per output leaf, aux)`.
+
+    With `moments`, `rows` is the identity and the pass runs in the moments layout.
+    """
     n = int(rows.shape[0])
     jac_leaves = jax.tree_util.tree_leaves(_split_rows(rows, arg))
     store: dict[str, Any] = {}
@@ -104,7 +63,9 @@ def _evaluate(
         return [*out_leaves, *aux_leaves]
 
     series = [(j, None, None, None) for j in jac_leaves]
-    outs, out_series = taylor4_flat(flat, arg.leaves, series, Context(n, signs))
+    outs, out_series = taylor4_flat(
+        flat, arg.leaves, series, Context(n, signs, moments)
+    )
     num = store["num"]
     values: list[Any] = []
     for o, s in zip(outs[:num], out_series[:num], strict=True):
@@ -279,7 +240,7 @@ def biharmonic(
         if has_aux:
             f_x = _split_aux(_BIHARMONIC, f_x)
         if num_probes is None:
-            v, w = exact_directions(arg.dim)
+            v, w = exact_design(arg.dim)
             v, s = _folded(v, w)
             rows: Any = jnp.asarray(v, arg.dtype)
         else:
@@ -287,15 +248,23 @@ def biharmonic(
             rows = z * (1 / (3 * num_probes)) ** 0.25
             s = np.ones(num_probes)
         n = int(rows.shape[0])
-        block = _block_size(chunk, f_x, arg, n, has_aux)
-        if block is None:
-            signs = None if np.all(s > 0) else tuple(float(x) for x in s)
-            value, aux = _evaluate(f_x, arg, rows, signs, has_aux)
+        moment_rows = None if num_probes is not None else _moment_rows(arg.dim)
+        block = _block_size(chunk, f_x, arg, n, has_aux, moment_rows)
+        if block is None and moment_rows is not None:
+            eye = jnp.eye(arg.dim, dtype=arg.dtype)
+            value, aux = _evaluate(f_x, arg, eye, None, has_aux, moments=True)
+        elif block is None:
+            value, aux = _evaluate(f_x, arg, rows, None, has_aux)
         else:
             value, aux = _evaluate_blocks(f_x, arg, rows, s, block, has_aux)
         return (value, aux) if has_aux else value
 
     return biharmonic_fun
+
+
+def _moment_rows(dim: int) -> int:
+    """Rows the moments layout carries per value: `g`, packed `A`, `c` and `q`."""
+    return dim * (dim + 1) // 2 + 2 * dim + 1
 
 
 def _block_size(
@@ -304,8 +273,13 @@ def _block_size(
     arg: _Argument,
     n: int,
     has_aux: bool,
+    moment_rows: int | None,
 ) -> int | None:
-    """Directions per block, or None for one pass (a pass carries 3 rows each)."""
+    """Directions per block, or None for one pass.
+
+    A pass in the direction layout carries 3 rows per direction; the exact mode's
+    single pass (the moments layout) carries `moment_rows`.
+    """
     if chunk is None:
         return None
     if chunk != _chunking.AUTO:
@@ -315,6 +289,11 @@ def _block_size(
         result = f_x(x)
         return result[0] if has_aux else result
 
+    if moment_rows is not None and (
+        _chunking.resolve_chunk_size(chunk, value_only, (arg.tree,), moment_rows)
+        is None
+    ):
+        return None
     rows = _chunking.resolve_chunk_size(chunk, value_only, (arg.tree,), 3 * n)
     if rows is None:
         return None

@@ -86,8 +86,8 @@ def scan_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     if "linear" in params:  # JAX < 0.10
         new_params["linear"] = (False,) * len(args)
     outs = _jax.scan_p.bind(*args, **new_params)
-    k_out, k_series = deinterleave(outs[: len(carry)], k_m, ctx.n)
-    y_out, y_series = deinterleave(outs[len(carry) :], y_m, ctx.n)
+    k_out, k_series = deinterleave(outs[: len(carry)], k_m, ctx)
+    y_out, y_series = deinterleave(outs[len(carry) :], y_m, ctx)
     y_series = [
         tuple(
             t if is_zero(t) or k == 3 else jnp.moveaxis(t, 1, 0)
@@ -124,7 +124,7 @@ def while_rule(ctx: Context, primals: Any, series: Any, **params: Any):
             body_nconsts=len(body_consts),
         ),
     )
-    return deinterleave(outs, k_m, ctx.n)
+    return deinterleave(outs, k_m, ctx)
 
 
 def _cond_on_primals(
@@ -162,7 +162,7 @@ def cond_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     new_branches = tuple(taylor4_jaxpr(br, ctx, op_m, out_m)[0] for br in branches)
     args = interleave(ops, op_series, op_m)
     outs = _jax.cond_p.bind(index, *args, **dict(params, branches=new_branches))
-    return deinterleave(outs, out_m, ctx.n)
+    return deinterleave(outs, out_m, ctx)
 
 
 def_rule(_jax.scan_p, scan_rule)

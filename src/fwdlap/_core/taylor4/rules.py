@@ -46,6 +46,7 @@ from jax import lax
 from ..rules.custom import trace_jvp_rule
 from ..rules.generic import primitive_jvp_fn
 from ..zeros import Zero, instantiate, is_zero, zero_laplacian
+from . import moments
 from .trace import Context, Series, zero_coefficient, zero_series
 
 Rule = Callable[..., tuple[Any, Any]]
@@ -98,7 +99,7 @@ def _collapse(ctx: Context, x: Any) -> Any:
 
 def _series_out(ctx: Context, out: Any, coefs: Sequence[Any]) -> Series:
     return tuple(  # type: ignore[return-value]
-        zero_coefficient(out, k, ctx.n) if c is None else c for k, c in enumerate(coefs)
+        zero_coefficient(out, k, ctx) if c is None else c for k, c in enumerate(coefs)
     )
 
 
@@ -107,7 +108,7 @@ def _is_float(x: Any) -> bool:
 
 
 def _broadcast(
-    primals: Sequence[Any], series: Sequence[Sequence[Any]], n: int
+    primals: Sequence[Any], series: Sequence[Sequence[Any]]
 ) -> tuple[list[Any], list[list[Any]]]:
     """Broadcast elementwise operands (rank-0 or size-1 axes) to the output shape.
 
@@ -127,7 +128,9 @@ def _broadcast(
                 None
                 if c is None
                 else (
-                    jnp.broadcast_to(c.reshape((n, *pad, *sh)), (n, *shape))
+                    jnp.broadcast_to(
+                        c.reshape((c.shape[0], *pad, *sh)), (c.shape[0], *shape)
+                    )
                     if k < 3
                     else jnp.broadcast_to(c, shape)
                 )
@@ -171,27 +174,7 @@ def def_linear_jvp(primitive: Any) -> None:
     def rule(ctx: Context, primals: Any, series: Any, **params: Any):
         jvp_fn = primitive_jvp_fn(primitive, params)
         outs, top = jvp_fn(primals, [s[3] for s in series])
-        columns: list[list[Any]] = []
-        for k in range(3):
-            col = [s[k] for s in series]
-            nz = [i for i, t in enumerate(col) if not is_zero(t)]
-            if not nz:
-                columns.append([None] * len(outs))
-                continue
-            flags: list[bool] = []
-
-            def one(
-                *rows: Any, nz: list[int] = nz, flags: list[bool] = flags
-            ) -> list[Any]:
-                vs = [zero_laplacian(p) for p in primals]
-                for i, r in zip(nz, rows, strict=True):
-                    vs[i] = r
-                _, ts = jvp_fn(primals, vs)
-                flags[:] = [is_zero(t) for t in ts]
-                return [instantiate(t) for t in ts]
-
-            res = jax.vmap(one)(*[col[i] for i in nz])
-            columns.append([None if z else r for r, z in zip(res, flags, strict=True)])
+        columns = [jvp_rows(jvp_fn, primals, [s[k] for s in series]) for k in range(3)]
         series_out = [
             _series_out(ctx, o, [columns[0][j], columns[1][j], columns[2][j], _opt(t)])
             for j, (o, t) in enumerate(zip(outs, top, strict=True))
@@ -203,6 +186,29 @@ def def_linear_jvp(primitive: Any) -> None:
     def_rule(primitive, rule)
 
 
+def jvp_rows(jvp_fn: Any, primals: Sequence[Any], col: Sequence[Any]) -> list[Any]:
+    """The JVP applied to every row of the coefficients `col` (one per input), vmapped;
+    one entry per output, None where it is zero."""
+    nz = [i for i, t in enumerate(col) if not is_zero(t)]
+    if not nz:
+        out = jax.eval_shape(
+            lambda: jvp_fn(primals, [zero_laplacian(p) for p in primals])
+        )
+        return [None] * len(out[0])
+    flags: list[bool] = []
+
+    def one(*rows: Any) -> list[Any]:
+        vs = [zero_laplacian(p) for p in primals]
+        for i, r in zip(nz, rows, strict=True):
+            vs[i] = r
+        _, ts = jvp_fn(primals, vs)
+        flags[:] = [is_zero(t) for t in ts]
+        return [instantiate(t) for t in ts]
+
+    res = jax.vmap(one)(*[col[i] for i in nz])
+    return [None if z else r for r, z in zip(res, flags, strict=True)]
+
+
 def def_zero(primitive: Any) -> None:
     """A piecewise-constant primitive: every coefficient of the output is zero."""
     if primitive is None:
@@ -212,7 +218,7 @@ def def_zero(primitive: Any) -> None:
         del series
         out = primitive.bind(*primals, **params)
         outs = out if primitive.multiple_results else [out]
-        zeros = [zero_series(o, ctx.n) for o in outs]
+        zeros = [zero_series(o, ctx) for o in outs]
         return (outs, zeros) if primitive.multiple_results else (out, zeros[0])
 
     def_rule(primitive, rule)
@@ -239,6 +245,9 @@ def elementwise_rule(primitive: Any, derivs: Derivs, real_only: bool = False) ->
             return generic_rule(ctx, primitive, primals, series, **params)
         y = primitive.bind(x, **params)
         x1, x2, x3, x4 = (_opt(t) for t in s)
+        if ctx.moments:
+            coefs = moments.elementwise(ctx.n, derivs(x, y), x1, x2, x3, x4)
+            return y, _series_out(ctx, y, coefs)
         d1, d2, d3, d4 = derivs(x, y)
         sq = _mul(x1, x1)
         y1 = _mul(d1, x1)
@@ -403,8 +412,12 @@ class BilinearOps:
     def pairs(self, x: Any, y: Any, params: Any) -> Any:
         return jax.vmap(lambda u, v: self.primitive.bind(u, v, **params))(x, y)
 
+    def pairs_sum(self, x: Any, y: Any, params: Any) -> Any:
+        """`sum_k f(x[k], y[k])`."""
+        return jnp.sum(self.pairs(x, y, params), axis=0)
+
     def pairs_collapsed(self, ctx: Context, x: Any, y: Any, params: Any) -> Any:
-        return ctx.collapse(self.pairs(x, y, params))
+        return self.pairs_sum(ctx.signed(x), y, params)
 
 
 class _MulOps(BilinearOps):
@@ -418,6 +431,9 @@ class _MulOps(BilinearOps):
         return x * y
 
 
+_MUL_OPS = _MulOps(lax.mul_p)
+
+
 def _shift(dims: Sequence[int]) -> tuple[int, ...]:
     return tuple(d + 1 for d in dims)
 
@@ -428,12 +444,10 @@ class _DotOps(BilinearOps):
         dims = ((_shift(lc), _shift(rc)), ((0, *_shift(lb)), (0, *_shift(rb))))
         return self.primitive.bind(x, y, **dict(params, dimension_numbers=dims))
 
-    def pairs_collapsed(self, ctx: Context, x: Any, y: Any, params: Any) -> Any:
+    def pairs_sum(self, x: Any, y: Any, params: Any) -> Any:
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         dims = (((0, *_shift(lc)), (0, *_shift(rc))), (_shift(lb), _shift(rb)))
-        return self.primitive.bind(
-            ctx.signed(x), y, **dict(params, dimension_numbers=dims)
-        )
+        return self.primitive.bind(x, y, **dict(params, dimension_numbers=dims))
 
 
 def _stacked(fn: Callable[[Any], Any], rows: Sequence[Any]) -> list[Any]:
@@ -465,10 +479,13 @@ def def_bilinear(
 
     def rule(ctx: Context, primals: Any, series: Any, **params: Any):
         if broadcast:
-            primals, coefs = _broadcast(primals, series, ctx.n)
+            primals, coefs = _broadcast(primals, series)
         else:
             coefs = [[_opt(t) for t in s] for s in series]
         (a, b), (sa, sb) = primals, coefs
+        if ctx.moments:
+            out, mcoefs = moments.bilinear(ctx.n, ops, params, a, b, sa, sb, _stacked)
+            return out, _series_out(ctx, out, mcoefs)
         out = ops.plain(a, b, params)
         left = _stacked(lambda r: ops.rows_left(r, b, params), sa[:3])
         right = _stacked(lambda r: ops.rows_right(a, r, params), sb[:3])
@@ -500,11 +517,13 @@ def def_bilinear(
 
 def _div_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     """`q = a / b`: `q_m = (a_m - sum_{j=1}^m b_j q_{m-j}) / b`, the 4th collapsed."""
-    primals, coefs = _broadcast(primals, series, ctx.n)
+    primals, coefs = _broadcast(primals, series)
     (a, b), (sa, sb) = primals, coefs
     q0 = lax.div_p.bind(a, b, **params)
     if not _is_float(q0):
-        return q0, zero_series(q0, ctx.n)
+        return q0, zero_series(q0, ctx)
+    if ctx.moments:
+        return _moments_div(ctx, a, b, sa, sb, q0)
     inv = 1 / b
     a1, a2, a3, a4 = sa
     b1, b2, b3, b4 = sb
@@ -514,6 +533,17 @@ def _div_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     cross = _collapse(ctx, _sum(_mul(b1, q3), _mul(b2, q2), _mul(b3, q1)))
     q4 = _mul(_sum(a4, _neg(_mul(b4, q0)), _neg(cross)), inv)
     return q0, _series_out(ctx, q0, [q1, q2, q3, q4])
+
+
+def _moments_div(ctx: Context, a: Any, b: Any, sa: Any, sb: Any, q0: Any):
+    """`a / b` in the moments layout: `a * (1 / b)`, the reciprocal elementwise."""
+    r = 1 / b
+    if all(t is None for t in sb):
+        coefs = [None if t is None else t * r for t in sa]
+        return q0, _series_out(ctx, q0, coefs)
+    sr = moments.elementwise(ctx.n, moments.reciprocal_derivs(r), *sb)
+    _, coefs = moments.bilinear(ctx.n, _MUL_OPS, {}, a, r, sa, sr, _stacked)
+    return q0, _series_out(ctx, q0, coefs)
 
 
 # --- the generic rule: nested JVPs along each direction's path -----------------------
@@ -557,6 +587,8 @@ def taylor_from_jvp(
             _series_out(ctx, o, [None, None, None, _opt(t) if f else None])
             for o, t, f in zip(outs, top, floats, strict=True)
         ]
+    if ctx.moments:
+        return _moments_from_jvp(ctx, fun, linear, primals, series, active, floats)
     masks = {i: [not is_zero(t) for t in series[i][:3]] for i in active}
     rows = [
         t for i in active for t, m in zip(series[i][:3], masks[i], strict=True) if m
@@ -586,12 +618,40 @@ def taylor_from_jvp(
     result: list[Series] = []
     for o, t, f in zip(outs, top, floats, strict=True):
         if not f:
-            result.append(zero_series(o, ctx.n))
+            result.append(zero_series(o, ctx))
             continue
         j = next(float_outs)
         y1, y2, y3, y4 = (per_order[m][j] for m in range(4))
         result.append(
             _series_out(ctx, o, [y1, y2, y3, _sum(ctx.collapse(y4), _opt(t))])
+        )
+    return outs, result
+
+
+def _moments_from_jvp(
+    ctx: Context,
+    fun: Callable[..., list[Any]],
+    linear: Any,
+    primals: Sequence[Any],
+    series: Sequence[Sequence[Any]],
+    active: list[int],
+    floats: list[bool],
+) -> tuple[list[Any], list[Series]]:
+    outs, top = linear(primals, [s[3] for s in series])
+    columns = [jvp_rows(linear, primals, [s[k] for s in series]) for k in range(3)]
+    opt = [[_opt(t) for t in s] for s in series]
+    extra = iter(
+        moments.generic(ctx.n, fun, primals, opt, active, floats, _derivatives)
+    )
+    result: list[Series] = []
+    for j, (o, t, f) in enumerate(zip(outs, top, floats, strict=True)):
+        if not f:
+            result.append(zero_series(o, ctx))
+            continue
+        more = next(extra)
+        coefs = [columns[k][j] for k in range(3)] + [_opt(t)]
+        result.append(
+            _series_out(ctx, o, [_sum(x, y) for x, y in zip(coefs, more, strict=True)])
         )
     return outs, result
 
@@ -721,7 +781,7 @@ def _register() -> None:
     for name, (derivs, real_only) in _ELEMENTWISE.items():
         def_elementwise(_lax(name), derivs, real_only)
     def_rule(lax.integer_pow_p, _integer_pow_rule)
-    def_bilinear(lax.mul_p, _MulOps(lax.mul_p), broadcast=True)
+    def_bilinear(lax.mul_p, _MUL_OPS, broadcast=True)
     def_bilinear(lax.dot_general_p, _DotOps(lax.dot_general_p))
     def_bilinear(lax.conv_general_dilated_p)
     def_rule(lax.div_p, _div_rule)

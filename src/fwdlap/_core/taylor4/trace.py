@@ -27,22 +27,35 @@ ORDER = 4
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What every rule of a pass needs: the number of directions and their signs.
+    """What every rule of a pass needs: the layout of the coefficients.
 
-    `signs` is None when every direction enters the collapsed sum with $+1$, else a
-    tuple of $\\pm 1$ (hashable, so that transformed jaxprs can be cached on it).
+    In the *directions* layout (the default) coefficients 1-3 have a leading axis of
+    `n` directions, and `signs` is None when every direction enters the collapsed sum
+    with $+1$, else a tuple of $\\pm 1$ (hashable, so that transformed jaxprs can be
+    cached on it).
+
+    In the *moments* layout (`moments=True`, exact biharmonic only) `n` is the
+    dimension $d$ and the coefficients are the tensors themselves, contracted where
+    only their contraction is ever needed (see `moments`): coefficient 1 the $d$
+    first derivatives, 2 the $d(d+1)/2$ entries $i \\le j$ of the second Taylor
+    coefficient, 3 its third contracted once with the identity ($d$ rows).
     """
 
     n: int
     signs: tuple[float, ...] | None = None
+    moments: bool = False
+
+    def rows(self, k: int) -> int | None:
+        """Rows of coefficient `k + 1` (None for the collapsed fourth)."""
+        if k == ORDER - 1:
+            return None
+        if self.moments and k == 1:
+            return self.n * (self.n + 1) // 2
+        return self.n
 
     def collapse(self, rows: Any) -> Any:
         """`sum_k s_k rows[k]` over the leading direction axis."""
-        if self.signs is None:
-            return jnp.sum(rows, axis=0)
-        s = np.asarray(self.signs, dtype=np.dtype(rows.dtype))
-        s = s.reshape((self.n,) + (1,) * (jnp.ndim(rows) - 1))
-        return jnp.sum(rows * s, axis=0)
+        return jnp.sum(self.signed(rows), axis=0)
 
     def signed(self, rows: Any) -> Any:
         """`s_k rows[k]` for every direction (the rows themselves without signs)."""
@@ -52,24 +65,26 @@ class Context:
         return rows * s.reshape((self.n,) + (1,) * (jnp.ndim(rows) - 1))
 
 
-def zero_coefficient(primal: Any, k: int, n: int) -> Any:
-    """The symbolic zero of coefficient `k + 1` (`k` < 3: per direction)."""
-    return zero_jacobian(primal, n) if k < ORDER - 1 else zero_laplacian(primal)
+def zero_coefficient(primal: Any, k: int, ctx: Context) -> Any:
+    """The symbolic zero of coefficient `k + 1` (`k` < 3: with rows)."""
+    rows = ctx.rows(k)
+    return zero_laplacian(primal) if rows is None else zero_jacobian(primal, rows)
 
 
-def zero_series(primal: Any, n: int) -> Series:
+def zero_series(primal: Any, ctx: Context) -> Series:
     return (
-        zero_jacobian(primal, n),
-        zero_jacobian(primal, n),
-        zero_jacobian(primal, n),
-        zero_laplacian(primal),
+        zero_coefficient(primal, 0, ctx),
+        zero_coefficient(primal, 1, ctx),
+        zero_coefficient(primal, 2, ctx),
+        zero_coefficient(primal, 3, ctx),
     )
 
 
-def coefficient_aval(aval: Any, k: int, n: int) -> Any:
+def coefficient_aval(aval: Any, k: int, ctx: Context) -> Any:
     tangent = aval.to_tangent_aval()
-    if k < ORDER - 1:
-        return tangent.update(shape=(n, *tangent.shape))
+    rows = ctx.rows(k)
+    if rows is not None:
+        return tangent.update(shape=(rows, *tangent.shape))
     return tangent
 
 
@@ -110,9 +125,8 @@ def maybe_tracer(trace: "Taylor4Trace", primal: Any, series: Sequence[Any]) -> A
     """Wrap in a `Taylor4Tracer` unless every coefficient is (symbolically) zero."""
     if not _is_differentiable(primal) or is_zero_series(series):
         return primal
-    n = trace.ctx.n
     full = tuple(
-        zero_coefficient(primal, k, n) if is_zero(t) else t
+        zero_coefficient(primal, k, trace.ctx) if is_zero(t) else t
         for k, t in enumerate(series)
     )
     return Taylor4Tracer(trace, primal, full)  # type: ignore[arg-type]
@@ -130,7 +144,7 @@ class Taylor4Trace(_jax.Trace):
     def to_pair(self, val: Any) -> tuple[Any, Series]:
         if isinstance(val, Taylor4Tracer) and val._trace.tag is self.tag:
             return val.primal, val.series
-        return val, zero_series(val, self.ctx.n)
+        return val, zero_series(val, self.ctx)
 
     def stage_value(self, val: Any) -> Any:
         primal, series = self.to_pair(val)
@@ -250,11 +264,11 @@ def _unzip(pairs: Any) -> tuple[list[Any], list[Series]]:
     return xs, ys
 
 
-def _normalize(primal: Any, series: Sequence[Any], n: int) -> Series:
+def _normalize(primal: Any, series: Sequence[Any], ctx: Context) -> Series:
     if not _is_differentiable(primal):
-        return zero_series(primal, n)
+        return zero_series(primal, ctx)
     return tuple(  # type: ignore[return-value]
-        zero_coefficient(primal, k, n)
+        zero_coefficient(primal, k, ctx)
         if t is None or is_zero(t)
         else (jnp.asarray(t) if isinstance(t, np.ndarray) else t)
         for k, t in enumerate(series)
@@ -276,7 +290,7 @@ def taylor4_flat(
     with _jax.take_current_trace() as parent:
         trace = Taylor4Trace(parent, _jax.TraceTag(), ctx)
         ins = [
-            maybe_tracer(trace, p, _normalize(p, s, ctx.n))
+            maybe_tracer(trace, p, _normalize(p, s, ctx))
             for p, s in zip(primals, series, strict=True)
         ]
         with _jax.set_current_trace(trace):
@@ -304,7 +318,7 @@ def interleave(primals: Sequence[Any], series: Sequence[Any], masks: Sequence[Ma
 
 
 def deinterleave(
-    values: Sequence[Any], masks: Sequence[Mask], n: int
+    values: Sequence[Any], masks: Sequence[Mask], ctx: Context
 ) -> tuple[list[Any], list[Series]]:
     """The inverse of `interleave`: primals and their series (zeros where masked)."""
     it = iter(values)
@@ -315,7 +329,7 @@ def deinterleave(
         primals.append(p)
         series.append(
             tuple(  # type: ignore[arg-type]
-                next(it) if keep else zero_coefficient(p, k, n)
+                next(it) if keep else zero_coefficient(p, k, ctx)
                 for k, keep in enumerate(m)
             )
         )
@@ -349,16 +363,15 @@ def _taylor4_jaxpr_cached(
     in_masks: tuple[Mask, ...],
     inst: tuple[Mask, ...] | None,
 ) -> tuple[Any, tuple[Mask, ...]]:
-    n = ctx.n
     in_avals = list(closed.in_avals)
     avals: list[Any] = []
     for aval, mask in zip(in_avals, in_masks, strict=True):
         avals.append(aval)
-        avals.extend(coefficient_aval(aval, k, n) for k in range(ORDER) if mask[k])
+        avals.extend(coefficient_aval(aval, k, ctx) for k in range(ORDER) if mask[k])
     store: dict[str, tuple[Mask, ...]] = {}
 
     def body(*args: Any) -> list[Any]:
-        primals, series = deinterleave(args, in_masks, n)
+        primals, series = deinterleave(args, in_masks, ctx)
         outs, series_out = taylor4_flat(_jax.jaxpr_as_fun(closed), primals, series, ctx)
         masks = [nonzero_mask(s) for s in series_out]
         if inst is not None:
