@@ -515,6 +515,18 @@ def test_empty_argument_with_traced_weights_and_pytrees():
     assert_tree_close(got, {"s": jnp.zeros(()), "v": jnp.zeros(3)})
 
 
+@pytest.mark.parametrize("sparsity", [None, True], ids=["dense", "sparse"])
+def test_lap_with_no_directions(sparsity: Any):
+    """n = 0 directions: the output, jacobians with no rows, zero laplacians."""
+    fun = lambda x: (jnp.sum(x**2), jnp.ones(2) * jnp.sum(jnp.sin(x)))
+    out, jac, lap = fwdlap.lap(
+        fun, (X,), (np.zeros((0, 5)),), (None,), sparsity=sparsity
+    )
+    assert_tree_close(out, fun(X))
+    assert jac[0].shape == (0,) and jac[1].shape == (0, 2)
+    assert_tree_close(lap, (jnp.zeros(()), jnp.zeros(2)))
+
+
 def tree_out_empty(p: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {"s": jnp.sum(p["a"] ** 2) + 1.0, "v": jnp.ones(3) * jnp.sum(p["b"])}
 

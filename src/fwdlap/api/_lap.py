@@ -240,6 +240,8 @@ def lap(
     store = _OutTree()
     flat_fun = _flat_fun(_LAP, fun, checked.treedef, store, has_aux)
     args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
+    if spec is not None and checked.n == 0:
+        spec = None  # no directions: nothing to be sparse about (and no blocks)
     if spec is None:
         outs, jacs, laps = _chunking.lap_flat_blocked(
             flat_fun, *args, checked.n, chunk_size
