@@ -19,7 +19,7 @@ about `AUTO_BLOCK_BYTES` of jacobians. Both were calibrated with `benchmarks/` o
 
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, SupportsIndex, cast
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,11 @@ from .._core.windowed import lap_flat_windowed
 from .._core.zeros import is_zero, zero_jacobian, zero_laplacian
 
 ChunkSize = int | Literal["auto"] | None
+"""`chunk_size` once checked: a Python int, "auto" or None."""
+
+ChunkSizeArg = SupportsIndex | Literal["auto"] | None
+"""`chunk_size` as the public functions accept it: any integer type (anything
+`operator.index` accepts, such as `np.int64`), "auto" or None."""
 
 AUTO = "auto"
 AUTO_BLOCK = 16

@@ -83,7 +83,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     has_aux: Literal[False] = False,
 ) -> tuple[OutTree, OutTree, OutTree]: ...
 
@@ -96,7 +96,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     has_aux: Literal[True],
 ) -> tuple[OutTree, OutTree, OutTree, Any]: ...
 
@@ -109,7 +109,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     has_aux: bool,
 ) -> tuple[Any, ...]: ...
 
@@ -122,7 +122,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     has_aux: bool = False,
 ) -> tuple[Any, ...]:
     r"""Evaluate a function with its jacobian and Laplacian in one forward pass.

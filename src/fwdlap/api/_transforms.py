@@ -10,7 +10,7 @@ other arguments and all keyword arguments are held fixed.
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, SupportsIndex, cast
 
 import jax
 import jax.numpy as jnp
@@ -680,8 +680,8 @@ def laplacian(
     argnums: int | Sequence[int] = 0,
     *,
     weights: Any = None,
-    chunk_size: _chunking.ChunkSize = "auto",
-    probes: int | None = None,
+    chunk_size: _chunking.ChunkSizeArg = "auto",
+    probes: SupportsIndex | None = None,
     key: Any = None,
     probe_distribution: Literal["rademacher", "gaussian"] = "rademacher",
     sparsity: Sparsity | int | bool | None = None,
@@ -875,7 +875,7 @@ def value_grad_and_laplacian(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     sparsity: Sparsity | int | bool | None = None,
     has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -1046,7 +1046,7 @@ def hessian_diagonal(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: _chunking.ChunkSizeArg = "auto",
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The Hessian's diagonal, $\partial^2 f / \partial x_i^2$ for every coordinate.
