@@ -109,6 +109,33 @@ def _first_order_as_one_product(ja: Any, jb: Any, a: Any, b: Any, params: Any) -
     )
 
 
+STACK_ROWS = True
+"""Whether a product with a constant operand runs as one product over stacked rows."""
+
+
+def _stacked_product(a: Any, ja: Any, la: Any, b: Any, side: int, params) -> Any:
+    """`(a, J_a, L_a) . b` (or `b . (...)`), the tangents as one product `[L_a, J_a]`.
+
+    When only one operand carries tangents, the laplacian and every direction of the
+    jacobian are multiplied by the same constant operand (weights): one product of
+    `n + 1` rows instead of a large one and a small one. The value is multiplied on
+    its own, so that it never depends on a tangent (`lap_partial` linearises the
+    pass and needs the value known without the tangents).
+    """
+    out = lax.dot_general_p.bind(*((a, b) if side == 0 else (b, a)), **params)
+    if is_zero(la):
+        rows = ja
+    else:
+        rows = jnp.concatenate([la[None].astype(ja.dtype), ja], axis=0)
+    if side == 0:
+        prod = jax.vmap(lambda r: lax.dot_general_p.bind(r, b, **params))(rows)
+    else:
+        prod = jax.vmap(lambda r: lax.dot_general_p.bind(b, r, **params))(rows)
+    if is_zero(la):
+        return out, prod, zero_laplacian(out)
+    return out, prod[1:], prod[0]
+
+
 def dot_general_rule(
     primals: Sequence[Any],
     jacobians: Sequence[Any],
@@ -117,6 +144,11 @@ def dot_general_rule(
 ):
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.dot_general_p
+    if STACK_ROWS:
+        if is_zero(jb) and is_zero(lb) and not is_zero(ja):
+            return _stacked_product(a, ja, la, b, 0, params)
+        if is_zero(ja) and is_zero(la) and not is_zero(jb):
+            return _stacked_product(b, jb, lb, a, 1, params)
     out = prim.bind(a, b, **params)
     zero = zero_laplacian(out)
     if _one_product_pays(a, b, out, ja, jb, params):
