@@ -161,7 +161,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 5, 10, 50])
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)

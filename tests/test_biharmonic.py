@@ -99,7 +99,7 @@ ZOO = {
     "custom_jvp": lambda x: jnp.sum(_smooth(x) + jax.nn.softplus(x) + jax.nn.gelu(x)),
     "logsumexp": lambda x: jax.nn.logsumexp(2 * x),
     "scan": lambda x: jax.lax.scan(
-        lambda c, xi: (jnp.tanh(c * xi + 1.0), c**2), 0.5, x
+        lambda c, xi: (jnp.tanh(c * xi + 1.0), c**2), jnp.asarray(0.5, x.dtype), x
     )[0],
     "while": _while,
     "cond": lambda x: jax.lax.cond(
