@@ -14,6 +14,11 @@ lower ones only, so the signed sum commutes with every primitive (Dangel et al.,
 with $x(t) = x_0 + t v_k$, the output's $X_4$ is
 $\sum_k s_k D^4_{v_k} f / 4!$.
 
+The exact biharmonic uses the *moments* layout instead (`moments`): with a design
+whose fourth moments are those of $|x|^4$, coefficients 1-3 are carried as the
+gradient, the packed second-order tensor and the once-contracted third-order tensor,
+$d(d+1)/2 + 2d$ rows, whatever the number of directions.
+
 Modules:
 
 - `trace`: `Taylor4Trace` / `Taylor4Tracer`, the flat driver `taylor4_flat` and the
@@ -21,6 +26,8 @@ Modules:
 - `rules`: the rule table (`rules.RULES`) with the `def_linear`, `def_elementwise`,
   `def_bilinear` and `def_zero` helpers, the generic nested-JVP fallback and the
   custom_jvp rule.
+- `moments`: the exact designs and the moments-layout rules (elementwise, bilinear,
+  generic), which `rules` dispatches to when `Context.moments` is set.
 - `control_flow`: `scan`, `while` and `cond` (bodies transformed, carries found by a
   fixpoint).
 
