@@ -39,8 +39,9 @@ from test_lap_float32 import CASES, LAPLACIAN_MODES, SIZED
 jax.config.update("jax_enable_x64", False)
 directions = pickle.load(open(sys.argv[1], "rb"))
 lap = jax.jit(fwdlap.lap, static_argnums=0)
+part = sys.argv[3]
 results = {}
-for case in CASES:
+for case in CASES if part == "zoo" else []:
     x = np.asarray(case.x, np.float32)
     v = np.asarray(directions[case.name], np.float32)
     try:
@@ -48,7 +49,7 @@ for case in CASES:
         results[case.name] = jax.tree.map(np.asarray, got)
     except Exception as e:
         results[case.name] = f"{type(e).__name__}: {e}"
-for case in SIZED:
+for case in SIZED if part == "sized" else []:
     x = np.asarray(case.x, np.float32)
     for mode, options in LAPLACIAN_MODES.items():
         try:
@@ -122,12 +123,16 @@ def _directions() -> dict[str, np.ndarray]:
     }
 
 
-def _run_float32(tmp_path: Path, directions: dict[str, np.ndarray]) -> dict[Any, Any]:
+def _run_float32(
+    tmp_path: Path, directions: dict[str, np.ndarray], part: str
+) -> dict[Any, Any]:
+    """Run `part` ("zoo": every case with random directions through `fwdlap.lap`;
+    "sized": the sized cases through `fwdlap.laplacian` in every mode) in float32."""
     given, taken = tmp_path / "directions.pkl", tmp_path / "results.pkl"
     given.write_bytes(pickle.dumps(directions))
     tests = Path(__file__).parent
     subprocess.run(
-        [sys.executable, "-c", _FLOAT32_RUN, str(given), str(taken)],
+        [sys.executable, "-c", _FLOAT32_RUN, str(given), str(taken), part],
         cwd=tests,
         check=True,
         timeout=900,
@@ -161,7 +166,7 @@ def _mismatch(got: Any, ref: Any) -> str | None:
 
 def test_zoo_in_float32_with_many_directions(tmp_path: Path) -> None:
     directions = _directions()
-    results = _run_float32(tmp_path, directions)
+    results = _run_float32(tmp_path, directions, "zoo")
     failures = []
     for case in CASES:
         got = results[case.name]
@@ -176,6 +181,15 @@ def test_zoo_in_float32_with_many_directions(tmp_path: Path) -> None:
             why = _mismatch(g, r)
             if why is not None:
                 failures.append(f"{case.name} ({part}): {why}")
+    assert len(results) == len(CASES)
+    assert not failures, "\n".join(failures)
+
+
+def test_sized_cases_in_float32_in_every_laplacian_mode(tmp_path: Path) -> None:
+    # A test of its own (and a subprocess of its own), so that pytest-xdist runs it
+    # beside the zoo instead of after it.
+    results = _run_float32(tmp_path, _directions(), "sized")
+    failures = []
     for case in SIZED:
         x = jnp.asarray(case.x)
         ref = jax.jit(reference_laplacian, static_argnums=0)(case.fun, x)
@@ -184,5 +198,5 @@ def test_zoo_in_float32_with_many_directions(tmp_path: Path) -> None:
             why = f"raised {got}" if isinstance(got, str) else _mismatch(got, ref)
             if why is not None:
                 failures.append(f"{case.name} (laplacian, {mode}): {why}")
-    assert len(results) == len(CASES) + len(SIZED) * len(LAPLACIAN_MODES)
+    assert len(results) == len(SIZED) * len(LAPLACIAN_MODES)
     assert not failures, "\n".join(failures)
