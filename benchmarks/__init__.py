@@ -3,7 +3,8 @@
 Run ``python -m benchmarks.run [--quick]``; see ``benchmarks/README.md``.
 
 Importing this package sets the XLA flag that avoids a CPU-backend hang of
-jaxlib 0.10.2 on 2-core machines (see ``DESIGN.md``, "Known hazards"); the flag
+jaxlib 0.10.2 on 2-core machines (see ``docs/installation.md``, "The CPU scheduler
+flag"); the flag
 only takes effect when JAX has not been imported yet, so import ``benchmarks``
 (or any of its modules) first. Set ``BENCHMARKS_NO_CPU_XLA_FLAG=1`` to leave
 ``XLA_FLAGS`` alone, e.g. on a GPU machine whose jaxlib may not know the CPU flag

@@ -411,16 +411,7 @@ def _user_named_square(x: jax.Array) -> jax.Array:
 _user_named_square.defvjp(lambda x: (x**2, x), lambda x, g: (2 * x * g,))
 
 
-_PENDING_CORE_FIX = pytest.mark.xfail(
-    strict=True,
-    reason="the name is chosen in fwdlap/_core/trace.py (process_custom_vjp_call), "
-    "which still reports jit's wrapper 'jaxpr_as_fun'; remove this mark with the fix",
-)
-
-
-@pytest.mark.parametrize(
-    "jit", [False, pytest.param(True, marks=_PENDING_CORE_FIX)], ids=["eager", "jit"]
-)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_custom_vjp_error_names_the_users_function(jit: bool) -> None:
     fun = lambda x: jnp.sum(_user_named_square(x))
     with pytest.raises(NotImplementedError) as info:

@@ -289,8 +289,9 @@ def _expansion(
     best, best_size = 0, _size(value)
     while len(steps) < MAX_STEPS:
         origin = _origin(origins, small)
-        step_of = None if origin is None else _STEPS.get(origin.primitive)
-        step = None if step_of is None else step_of(origin, small, small_contracting)
+        if origin is None or origin.primitive not in _STEPS:
+            break
+        step = _STEPS[origin.primitive](origin, small, small_contracting)
         if step is None:
             break
         steps.append(step)

@@ -358,15 +358,25 @@ class LapTrace(_jax.Trace):
                 symbolic_zeros=symbolic_zeros,
             )
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
-        name = getattr(fun, "__name__", None) or str(fun)
         raise NotImplementedError(
             f"fwdlap cannot propagate a forward Laplacian through the jax.custom_vjp "
-            f"function {name!r}: a custom_vjp rule only defines reverse-mode "
+            f"{_custom_vjp_name(fun)}: a custom_vjp rule only defines reverse-mode "
             "derivatives, while a Laplacian needs forward-mode second derivatives. "
             "Give the function a jax.custom_jvp rule instead (fwdlap differentiates "
             "it twice), or keep the custom_vjp function outside the function passed "
             "to fwdlap.lap."
         )
+
+
+def _custom_vjp_name(fun: Any) -> str:
+    """`function 'name'` for a custom_vjp call, also when `jax.jit` staged it."""
+    src = _jax.custom_jvp_call_src_info(fun)  # "name at file:line"; jit keeps it
+    if src:
+        return f"function {src.split(' at ')[0]!r}"
+    target, _ = _jax.custom_jvp_call_target(fun)
+    if target is not None:
+        return f"function {getattr(target, '__name__', '?')!r}"
+    return "function (staged by jax.jit, which did not keep its name)"
 
 
 def _finish_all(
