@@ -163,7 +163,8 @@ def outer(g: Any, h: Any, dim: int) -> Any:
     )
 
 
-def _mul(*xs: Any) -> Any:
+def mul_all(*xs: Any) -> Any:
+    """The product of `xs`, or None (a zero) if any of them is None."""
     out = None
     for x in xs:
         if x is None:
@@ -172,7 +173,8 @@ def _mul(*xs: Any) -> Any:
     return out
 
 
-def _sum(*xs: Any) -> Any:
+def sum_present(*xs: Any) -> Any:
+    """The sum of the `xs` that are not None (zeros), or None if all are."""
     out = None
     for x in xs:
         if x is not None:
@@ -190,9 +192,11 @@ def elementwise(
     """`(g, A, c, q)` of `phi(x)` from phi's four derivatives at `x` (None: zero)."""
     d1, d2, d3, d4 = derivs
     mult = pairs(dim)[2]
-    g_out = _mul(d1, g)
+    g_out = mul_all(d1, g)
     gg = None if g is None else jnp.sum(g * g, axis=0)
-    a_out = _sum(_mul(d1, a), _mul(0.5 * d2, None if g is None else outer(g, g, dim)))
+    a_out = sum_present(
+        mul_all(d1, a), mul_all(0.5 * d2, None if g is None else outer(g, g, dim))
+    )
     tr = trace(a, dim)
     ag = None
     quad = None
@@ -202,18 +206,18 @@ def elementwise(
         if g is not None:
             ag = matvec(a, g, dim)
             quad = jnp.sum(ag * g, axis=0)
-    c_out = _sum(
-        _mul(d1, c),
-        _mul(d2 / 3, _sum(_mul(tr, g), _scale(2.0, ag))),
-        _mul(d3 / 6, gg, g),
+    c_out = sum_present(
+        mul_all(d1, c),
+        mul_all(d2 / 3, sum_present(mul_all(tr, g), _scale(2.0, ag))),
+        mul_all(d3 / 6, gg, g),
     )
     gc = None if g is None or c is None else jnp.sum(g * c, axis=0)
-    sq = _sum(_mul(tr, tr), _scale(2.0, frob))
-    q_out = _sum(
-        _mul(d1, q),
-        _mul(d2, _sum(gc, _scale(1 / 6, sq))),
-        _mul(d3 / 6, _sum(_mul(gg, tr), _scale(2.0, quad))),
-        _mul(d4 / 24, gg, gg),
+    sq = sum_present(mul_all(tr, tr), _scale(2.0, frob))
+    q_out = sum_present(
+        mul_all(d1, q),
+        mul_all(d2, sum_present(gc, _scale(1 / 6, sq))),
+        mul_all(d3 / 6, sum_present(mul_all(gg, tr), _scale(2.0, quad))),
+        mul_all(d4 / 24, gg, gg),
     )
     return [g_out, a_out, c_out, q_out]
 
@@ -258,20 +262,20 @@ def bilinear(
             return jax.vmap(lambda row: ops.pairs_sum(row, v, params))(full)
         return jax.vmap(lambda row: ops.pairs_sum(v, row, params))(full)
 
-    c_cross = _sum(
+    c_cross = sum_present(
         None if tra is None or gb is None else ops.rows_right(tra, gb, params),
         _scale(2.0, mat_rows(aa, gb, True)),
         None if trb is None or ga is None else ops.rows_left(ga, trb, params),
         _scale(2.0, mat_rows(ab, ga, False)),
     )
-    q_cross = _sum(
+    q_cross = sum_present(
         None if tra is None or trb is None else ops.plain(tra, trb, params),
         _scale(2.0, psum(None if aa is None else _rows_col(mult, aa) * aa, ab)),
     )
-    g_out = _sum(left[0], right[0])
-    a_out = _sum(left[1], right[1], cross_a)
-    c_out = _sum(left[2], right[2], _scale(1 / 3, c_cross))
-    q_out = _sum(
+    g_out = sum_present(left[0], right[0])
+    a_out = sum_present(left[1], right[1], cross_a)
+    c_out = sum_present(left[2], right[2], _scale(1 / 3, c_cross))
+    q_out = sum_present(
         None if qa is None else ops.plain(qa, b, params),
         None if qb is None else ops.plain(a, qb, params),
         psum(ga, cb),

@@ -68,21 +68,8 @@ def _opt(t: Any) -> Any:
     return None if is_zero(t) else t
 
 
-def _mul(*xs: Any) -> Any:
-    out = None
-    for x in xs:
-        if x is None:
-            return None
-        out = x if out is None else out * x
-    return out
-
-
-def _sum(*xs: Any) -> Any:
-    out = None
-    for x in xs:
-        if x is not None:
-            out = x if out is None else out + x
-    return out
+_mul = moments.mul_all
+_sum = moments.sum_present
 
 
 def _neg(x: Any) -> Any:
