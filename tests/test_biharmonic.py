@@ -362,6 +362,8 @@ def test_errors_name_the_argument():
         fwdlap.biharmonic(f, key=jax.random.key(0))
     with pytest.raises(ValueError, match="`probes` must be a positive int"):
         fwdlap.biharmonic(f, probes=0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="biharmonic: `key` must be a JAX random"):
+        fwdlap.biharmonic(f, probes=2, key=0)
     with pytest.raises(ValueError, match="`chunk_size`"):
         fwdlap.biharmonic(f, chunk_size=0)
     with pytest.raises(TypeError, match="`has_aux` must be True or False"):

@@ -18,7 +18,7 @@ from ._lap import dense_zero
 from ._transforms import (
     _Argument,  # pyright: ignore[reportPrivateUsage]
     _bind,  # pyright: ignore[reportPrivateUsage]
-    _check_positive_int,  # pyright: ignore[reportPrivateUsage]
+    _check_probes,  # pyright: ignore[reportPrivateUsage]
     _normalize_argnums,  # pyright: ignore[reportPrivateUsage]
     _split_aux,  # pyright: ignore[reportPrivateUsage]
     _split_rows,  # pyright: ignore[reportPrivateUsage]
@@ -227,18 +227,8 @@ def biharmonic(
     nums, is_tuple = _normalize_argnums(_BIHARMONIC, argnums)
     chunk = _chunking.check_chunk_size(_BIHARMONIC, chunk_size)
     has_aux = check_has_aux(_BIHARMONIC, has_aux)
-    num_probes = _check_positive_int(_BIHARMONIC, "probes", probes)
+    num_probes = _check_probes(_BIHARMONIC, probes, key)
     probe_key: Any = key
-    if num_probes is not None and key is None:
-        raise TypeError(
-            f"{_BIHARMONIC}: `probes={num_probes}` needs a random key: pass "
-            "`key=jax.random.key(seed)`."
-        )
-    if num_probes is None and key is not None:
-        raise TypeError(
-            f"{_BIHARMONIC}: `key` was given without `probes`; pass `probes=k` for a "
-            "stochastic estimate with k probe directions, or drop `key`."
-        )
 
     @functools.wraps(fun)
     def biharmonic_fun(*args: Any, **kwargs: Any) -> Any:

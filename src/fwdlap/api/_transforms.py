@@ -273,6 +273,24 @@ def _check_weights_dtype(api: str, weights: Any) -> None:
         )
 
 
+def _check_probes(api: str, probes: Any, key: Any) -> int | None:
+    """The number of probes (None for the exact operator), checked with `key`."""
+    num_probes = _check_positive_int(api, "probes", probes)
+    if num_probes is not None and key is None:
+        raise TypeError(
+            f"{api}: `probes={num_probes}` needs a random key: pass "
+            "`key=jax.random.key(seed)`."
+        )
+    if num_probes is None and key is not None:
+        raise TypeError(
+            f"{api}: `key` was given without `probes`; pass `probes=k` for a "
+            "stochastic estimate with k probe vectors, or drop `key`."
+        )
+    if key is not None:
+        _check_key(api, key)
+    return num_probes
+
+
 def _check_key(api: str, key: Any) -> None:
     """`key` must be one `jax.random` key: typed (shape `()`) or raw (uint32)."""
     dtype = getattr(key, "dtype", None)
@@ -815,25 +833,13 @@ def laplacian(
     if weights is not None:
         _check_weights_dtype(_LAPLACIAN, weights)
     has_aux = check_has_aux(_LAPLACIAN, has_aux)
-    num_probes = _check_positive_int(_LAPLACIAN, "probes", probes)
+    num_probes = _check_probes(_LAPLACIAN, probes, key)
     sparse = _check_sparsity(
         _LAPLACIAN,
         sparsity,
         weights=weights is not None,
         probes=num_probes is not None,
     )
-    if num_probes is not None and key is None:
-        raise TypeError(
-            f"{_LAPLACIAN}: `probes={num_probes}` needs a random key: pass "
-            "`key=jax.random.key(seed)`."
-        )
-    if num_probes is None and key is not None:
-        raise TypeError(
-            f"{_LAPLACIAN}: `key` was given without `probes`; pass `probes=k` for a "
-            "stochastic estimate with k probe vectors, or drop `key`."
-        )
-    if key is not None:
-        _check_key(_LAPLACIAN, key)
     if probe_distribution not in ("rademacher", "gaussian"):
         raise ValueError(
             f"{_LAPLACIAN}: `probe_distribution` must be 'rademacher' or 'gaussian', "
