@@ -4,6 +4,8 @@ The generic path (differentiating JAX's own JVP rules of slogdet / det) is force
 removing the registered rules for the duration of a test.
 """
 
+import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,32 +20,55 @@ from fwdlap._core import registry
 RNG = np.random.default_rng(3)
 
 
+def linalg_rules() -> dict[Any, registry.LapRule]:
+    """The registered rules of custom_jvp functions matched by call (slogdet, det)."""
+    return {
+        key: rule
+        for key, rule in registry.rules.items()
+        if rule.kind == "custom_jvp" and not rule.by_source
+    }
+
+
+@contextlib.contextmanager
+def restored_rules() -> Iterator[None]:
+    saved = dict(registry.rules)
+    try:
+        yield
+    finally:
+        registry.rules.clear()
+        registry.rules.update(saved)
+
+
 @pytest.fixture
 def rule_calls() -> Iterator[list[str]]:
     """Wrap the registered linalg rules with call counters."""
-    saved = dict(registry.custom_jvp_rules)
     calls: list[str] = []
-    for target, (fn, rule) in saved.items():
+    with restored_rules():
+        for target, rule in linalg_rules().items():
 
-        def counted(
-            p: Any, j: Any, lp: Any, rule: Any = rule, name: str = target.__name__
-        ):
-            calls.append(name)
-            return rule(p, j, lp)
+            def counted(
+                ctx: Any,
+                p: Any,
+                j: Any,
+                lp: Any,
+                rule: Any = rule,
+                name: str = target.__name__,
+                **params: Any,
+            ):
+                calls.append(name)
+                return rule.dense(ctx, p, j, lp, **params)
 
-        registry.custom_jvp_rules[target] = (fn, counted)
-    yield calls
-    registry.custom_jvp_rules.clear()
-    registry.custom_jvp_rules.update(saved)
+            registry.rules[target] = dataclasses.replace(rule, dense=counted)
+        yield calls
 
 
 @pytest.fixture
 def generic_path() -> Iterator[None]:
     """Remove the linalg rules: slogdet and det go through their JVP rules."""
-    saved = dict(registry.custom_jvp_rules)
-    registry.custom_jvp_rules.clear()
-    yield
-    registry.custom_jvp_rules.update(saved)
+    with restored_rules():
+        for target in linalg_rules():
+            del registry.rules[target]
+        yield
 
 
 def matrix_fn(batch: tuple[int, ...], m: int, seed: int = 0) -> Any:

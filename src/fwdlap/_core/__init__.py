@@ -2,6 +2,17 @@
 
 from . import rules as rules
 from .registry import register as register
+
+# Importing a rule module registers its rules.
+from .rules import (  # noqa: F401
+    bilinear,
+    control_flow,
+    custom,
+    elementwise,
+    linalg,
+    linear,
+    reduction,
+)
 from .trace import LapTrace as LapTrace
 from .trace import LapTracer as LapTracer
 from .trace import lap_flat as lap_flat

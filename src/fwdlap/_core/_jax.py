@@ -139,12 +139,7 @@ from jax._src.nn import functions as _nn_functions  # noqa: E402
 
 # `jax.nn.softmax` under `jax_softmax_custom_jvp=True`: a custom_jvp with
 # `nondiff_argnums=(1,)` (the axis), recognised by the source info of its call.
-_softmax_custom_jvp: Any = getattr(_nn_functions, "_softmax", None)
-softmax_src_info: str | None = (
-    fun_sourceinfo(_softmax_custom_jvp.fun)
-    if getattr(_softmax_custom_jvp, "fun", None) is not None
-    else None
-)
+softmax_custom_jvp: Any = getattr(_nn_functions, "_softmax", None)
 
 # The only transformations allowed between a custom_jvp function and the `fun` that
 # reaches `process_custom_jvp_call` for a dedicated rule to apply: output flattening.

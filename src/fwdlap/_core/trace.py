@@ -17,6 +17,10 @@ import numpy as np
 from jax.tree_util import Partial
 
 from . import _jax, dot_split, registry, sparse
+from .registry import Fallback, LapRule
+from .rules.custom import lap_custom_jvp_call
+from .rules.generic import generic_lap_rule
+from .rules.sparse_rules import apply_rule
 from .sparse import SparseContext, is_sparse
 from .zeros import Zero, instantiate, is_zero, zero_jacobian, zero_laplacian
 
@@ -76,85 +80,30 @@ class LapTrace(_jax.Trace):
         return maybe_lap_tracer(self, primal, jac, lap)
 
     def process_primitive(self, primitive: Any, tracers: Any, params: Any, /) -> Any:
-        if primitive is jax.lax.dot_general_p:
-            out = dot_split.split_dot(self, self.origins, tracers, params)
-            if out is not None:
+        rule = registry.rules.get(primitive) or _generic(primitive)
+        primals, jacs, laps = unzip3(map(self.to_triple, tracers))
+        if rule.rewrite is not None:
+            out = rule.rewrite(self, tracers, primals, jacs, laps, params)
+            if not isinstance(out, Fallback):
                 return out
-        if primitive is _jax.jit_p and params.get("inline"):
-            # jnp's helpers (`matmul`, ...) are `jit(inline=True)`: inline them as
-            # JAX's own tracing does, so that `dot_split` sees their operands.
-            closed = params["jaxpr"]
-            with _jax.set_current_trace(self):
-                return _jax.eval_jaxpr(closed.jaxpr, closed.consts, *tracers)
-        out = self._process_primitive(primitive, tracers, params)
+        if all(is_zero(t) for t in (*jacs, *laps)):
+            out = _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
+        else:
+            with _jax.set_current_trace(self.parent_trace):
+                out = apply_rule(self, rule, primitive, primals, jacs, laps, params)
+            out = self.lift(primitive.multiple_results, *out)
         if isinstance(out, LapTracer):
             dot_split.record(self.origins, primitive, tracers, params, out)
         return out
 
-    def _process_primitive(self, primitive: Any, tracers: Any, params: Any) -> Any:
-        primals, jacs, laps = unzip3(map(self.to_triple, tracers))
-        if all(is_zero(t) for t in (*jacs, *laps)):
-            return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
-        if primitive is _jax.while_p and params["cond_jaxpr"].out_avals[0].shape:
-            from .rules.control_flow import while_with_scalar_predicate
-
-            with _jax.set_current_trace(self):
-                return while_with_scalar_predicate(tracers, params)
-        if self.sparse is not None and any(is_sparse(j) for j in jacs):
-            inline = _inline_jaxpr(primitive, params, primals)
-            if inline is not None:
-                closed, args = inline(tracers)
-                with _jax.set_current_trace(self):
-                    outs = _jax.eval_jaxpr(closed.jaxpr, closed.consts, *args)
-                return outs if primitive.multiple_results else outs[0]
-            sparse_out, dense_jacs = self._process_sparse(
-                primitive, primals, jacs, laps, params
-            )
-            if sparse_out is not None:
-                return sparse_out
-            with _jax.set_current_trace(self.parent_trace):
-                laps = self.sparse.densified_laplacians(jacs, laps)
-            jacs = dense_jacs
-        trace_rule = registry.trace_rules.get(primitive)
-        with _jax.set_current_trace(self.parent_trace):
-            if trace_rule is not None:
-                out = trace_rule(self, primals, jacs, laps, **params)
-            else:
-                rule = registry.rules.get(primitive)
-                if rule is None:
-                    rule = functools.partial(_generic_rule(), primitive)
-                out = rule(primals, jacs, laps, **params)
-        primal_out, jac_out, lap_out = out
-        if primitive.multiple_results:
+    def lift(self, multiple_results: bool, primal: Any, jac: Any, lap: Any) -> Any:
+        """A rule's outputs as tracers of this trace (lists if `multiple_results`)."""
+        if multiple_results:
             return [
                 maybe_lap_tracer(self, p, j, lp)
-                for p, j, lp in zip(primal_out, jac_out, lap_out, strict=True)
+                for p, j, lp in zip(primal, jac, lap, strict=True)
             ]
-        return maybe_lap_tracer(self, primal_out, jac_out, lap_out)
-
-    def _process_sparse(
-        self, primitive: Any, primals: Any, jacs: Any, laps: Any, params: Any
-    ) -> tuple[Any, list[Any]]:
-        """Run the sparse rule; returns `(tracers or None, jacobians for dense)`."""
-        from .rules import sparse_rules  # rules import this module
-
-        ctx = self.sparse
-        assert ctx is not None
-        with _jax.set_current_trace(self.parent_trace):
-            result, jacs = sparse_rules.process(
-                ctx, primitive, primals, jacs, laps, params
-            )
-            if result is None:
-                return None, jacs
-            outs, jac_outs, lap_outs = result
-            if not primitive.multiple_results:
-                outs, jac_outs, lap_outs = [outs], [jac_outs], [lap_outs]
-            jac_outs, lap_outs = _finish_all(ctx, primitive, outs, jac_outs, lap_outs)
-        tracers = [
-            maybe_lap_tracer(self, p, j, lp)
-            for p, j, lp in zip(outs, jac_outs, lap_outs, strict=True)
-        ]
-        return (tracers if primitive.multiple_results else tracers[0]), jacs
+        return maybe_lap_tracer(self, primal, jac, lap)
 
     def process_call(self, call_primitive: Any, f: Any, tracers: Any, params: Any, /):
         # `closed_call` and friends: inline the body so it stays forward-Laplacian.
@@ -169,174 +118,11 @@ class LapTrace(_jax.Trace):
         if all(is_zero(t) for t in (*jacs, *laps)):
             params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
-        from .rules.custom import (  # rules import this module
-            custom_jvp_rule,
-            softmax_rule,
-        )
-        from .rules.sparse_rules import Fallback
-
-        traced = None
-        if self.sparse is not None and any(is_sparse(j) for j in jacs):
-            if _is_softmax(fun):
-                traced, outs = self._sparse_softmax(
-                    primals, jacs, laps, jvp, symbolic_zeros
-                )
-                if not isinstance(outs, Fallback):
-                    return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
-                with _jax.set_current_trace(self.parent_trace):
-                    laps = self.sparse.densified_laplacians(jacs, laps)
-                jacs = self._densify_all("softmax", jacs, outs.reason, outs.cause)
-        if (
-            traced is None
-            and self.sparse is not None
-            and any(is_sparse(j) for j in jacs)
-        ):
-            outs = self._sparse_custom_jvp(fun, primals, jacs, laps)
-            if outs is None and registry.find_custom_jvp_rule(fun) is None:
-                outs = self._traced_custom_jvp(
-                    fun, primals, jacs, laps, jvp, symbolic_zeros
-                )
-            if outs is not None:
-                return [maybe_lap_tracer(self, *t) for t in zip(*outs, strict=True)]
-            found = registry.find_custom_jvp_rule(fun)
-            if found is not None and found[0] in registry.sparse_custom_jvp_rules:
-                reason = (
-                    "its sparse rule does not apply (the matrix rows depend on more "
-                    f"than {self.sparse.max_blocks} blocks, or it is complex)"
-                )
-                cause = "threshold"
-            else:
-                reason = "a custom_jvp function with a rule for dense jacobians only"
-                cause = "rule"
-            with _jax.set_current_trace(self.parent_trace):
-                laps = self.sparse.densified_laplacians(jacs, laps)
-            jacs = self._densify_all(_custom_jvp_name(fun), jacs, reason, cause)
         with _jax.set_current_trace(self.parent_trace):
-            # A rule registered for this custom_jvp function (fwdlap.register_rule),
-            # else differentiate its JVP rule.
-            outs = registry.apply_custom_jvp_rule(fun, primals, jacs, laps, self.n)
-            if outs is None and _is_softmax(fun):
-                outs = softmax_rule(primals, jacs, laps, jvp, symbolic_zeros, traced)
-            if outs is None:
-                outs = custom_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros, traced)
-        return [maybe_lap_tracer(self, *triple) for triple in zip(*outs, strict=True)]
-
-    def _sparse_softmax(
-        self, primals: Any, jacs: Any, laps: Any, jvp: Any, symbolic_zeros: bool
-    ) -> tuple[Any, Any]:
-        """`jax.nn.softmax` of a block-sparse input: `(traced JVP rule, outputs)`.
-
-        Each output element depends on the blocks of its whole softmax axis. Where
-        those are within the threshold, `softmax_rule` runs on the input's data aligned
-        to them and the outputs come back sparse; else the outputs are a
-        `sparse_rules.Fallback` saying why, and the caller densifies the input for the
-        dense `softmax_rule`. (The JVP rule, traced here to read the softmax axes, may
-        be called only once: it is handed on.)
-        """
-        from .rules import sparse_rules
-        from .rules.custom import softmax_layout, softmax_rule, trace_jvp_rule
-
-        ctx = self.sparse
-        assert ctx is not None
-        jac = jacs[0]
-        with _jax.set_current_trace(self.parent_trace):
-            traced = trace_jvp_rule(primals, jacs, laps, jvp, symbolic_zeros)
-            if not is_sparse(jac):
-                reason = "an operand's jacobian is already dense"
-                return traced, sparse_rules.Fallback("threshold", reason)
-            if any(not is_zero(j) for j in jacs[1:]):
-                reason = "a softmax argument other than x has tangents"
-                return traced, sparse_rules.Fallback("rule", reason)
-            layout = softmax_layout(traced[1], len(primals))
-            if layout is None:
-                reason = "the softmax's JVP rule is not the usual one"
-                return traced, sparse_rules.Fallback("rule", reason)
-            axes, perm = layout
-            # The blocks are found in the output's layout (jax.vmap may have moved the
-            # batch axis); the rule itself brings the aligned rows into that layout.
-            idx_out = np.transpose(jac.idx, (0, *(1 + p for p in perm)))
-            target = sparse.union_along(idx_out, axes, ctx.max_blocks)
-            if target is None:
-                reason = (
-                    f"the softmax depends on more than {ctx.max_blocks} blocks per "
-                    "element"
-                )
-                return traced, sparse_rules.Fallback("threshold", reason)
-            back = (0, *(1 + p for p in np.argsort(perm)))
-            rows = [sparse.align(jac, np.transpose(target, back)), *jacs[1:]]
-            outs = softmax_rule(primals, rows, laps, jvp, symbolic_zeros, traced)
-            if outs is None:
-                reason = "the softmax's JVP rule is not the usual one"
-                return traced, sparse_rules.Fallback("rule", reason)
-            (y,), (jac_y,), (lap_y,) = outs
-            jac_y = sparse_rules.wrap(jac_y, target, ctx.block_size)
-            jac_outs, lap_outs = _finish_all(ctx, "softmax", [y], [jac_y], [lap_y])
-        return traced, ([y], jac_outs, lap_outs)
-
-    def _densify_all(self, name: str, jacs: Any, reason: str, cause: str) -> list[Any]:
-        from .rules import sparse_rules
-
-        ctx = self.sparse
-        assert ctx is not None
-        fallback = sparse_rules.Fallback(cause, reason)
-        with _jax.set_current_trace(self.parent_trace):
-            return sparse_rules.densify_operands(ctx, name, jacs, fallback)
-
-    def _traced_custom_jvp(
-        self, fun: Any, primals: Any, jacs: Any, laps: Any, jvp: Any, zeros: bool
-    ) -> Any:
-        """Differentiate the JVP rule, on aligned data if it is elementwise."""
-        from .rules import sparse_rules
-        from .rules.custom import trace_jvp_rule
-        from .rules.generic import laplacian_from_jvp
-
-        ctx = self.sparse
-        assert ctx is not None
-        name = _custom_jvp_name(fun)
-        with _jax.set_current_trace(self.parent_trace):
-            jvp_fn, closed = trace_jvp_rule(primals, jacs, laps, jvp, zeros)
-            shapes = {j.shape for j in jacs if is_sparse(j)}
-            has_dense = any(not is_zero(j) and not is_sparse(j) for j in jacs)
-            aligned: Any = None
-            if (
-                len(shapes) == 1
-                and not has_dense
-                and sparse_rules.is_elementwise_jaxpr(closed.jaxpr, shapes.pop())
-            ):
-                aligned = sparse_rules.align_slots(ctx, name, primals, jacs)
-            if aligned is None or isinstance(aligned, sparse_rules.Fallback):
-                if aligned is None and has_dense:
-                    reason = "an operand's jacobian is already dense"
-                    aligned = sparse_rules.Fallback("threshold", reason)
-                elif aligned is None:
-                    reason = "a custom_jvp function whose JVP rule is not elementwise"
-                    aligned = sparse_rules.Fallback("rule", reason)
-                dense = sparse_rules.densify_operands(ctx, name, jacs, aligned)
-                laps = ctx.densified_laplacians(jacs, laps)
-                return laplacian_from_jvp(jvp_fn, primals, dense, laps)
-            rows, target = aligned
-            outs, jac_outs, lap_outs = laplacian_from_jvp(jvp_fn, primals, rows, laps)
-            jac_outs = [sparse_rules.wrap(j, target, ctx.block_size) for j in jac_outs]
-            jac_outs, lap_outs = _finish_all(ctx, name, outs, jac_outs, lap_outs)
-        return outs, jac_outs, lap_outs
-
-    def _sparse_custom_jvp(self, fun: Any, primals: Any, jacs: Any, laps: Any) -> Any:
-        """A registered sparse rule for this custom_jvp function (slogdet, det)."""
-        ctx = self.sparse
-        assert ctx is not None
-        found = registry.find_custom_jvp_rule(fun)
-        rule = None if found is None else registry.sparse_custom_jvp_rules.get(found[0])
-        if rule is None or any(not is_zero(j) and not is_sparse(j) for j in jacs):
-            return None
-        with _jax.set_current_trace(self.parent_trace):
-            result = rule(ctx, list(primals), list(jacs), list(laps))
-            if result is NotImplemented:
-                return None
-            outs, jac_outs, lap_outs = (list(r) for r in result)
-            jac_outs, lap_outs = _finish_all(
-                ctx, _custom_jvp_name(fun), outs, jac_outs, lap_outs
+            outs = lap_custom_jvp_call(
+                self, fun, jvp, symbolic_zeros, primals, jacs, laps
             )
-        return outs, jac_outs, lap_outs
+        return self.lift(True, *outs)
 
     def process_custom_vjp_call(
         self,
@@ -379,58 +165,10 @@ def _custom_vjp_name(fun: Any) -> str:
     return "function (staged by jax.jit, which did not keep its name)"
 
 
-def _finish_all(
-    ctx: SparseContext, what: Any, outs: Any, jacs: Any, laps: Any
-) -> tuple[list[Any], list[Any]]:
-    """`sparse_rules.finish` over a sparse rule's outputs: `(jacobians, laplacians)`."""
-    from .rules import sparse_rules
-
-    pairs = [
-        sparse_rules.finish(ctx, what, o, j, lp)
-        for o, j, lp in zip(outs, jacs, laps, strict=True)
-    ]
-    return [j for j, _ in pairs], [lp for _, lp in pairs]
-
-
-def _is_softmax(fun: Any) -> bool:
-    """Whether a `custom_jvp_call` is `jax.nn.softmax`'s (`jax_softmax_custom_jvp`)."""
-    src = _jax.custom_jvp_call_src_info(fun)
-    return src is not None and src == _jax.softmax_src_info
-
-
-def _custom_jvp_name(fun: Any) -> str:
-    """A readable name for a custom_jvp function in densification reports."""
-    src = _jax.custom_jvp_call_src_info(fun)
-    if src:
-        return src.split(" at ")[0]
-    target, _ = _jax.custom_jvp_call_target(fun)
-    return getattr(target, "__name__", None) or "custom_jvp function"
-
-
-def _inline_jaxpr(primitive: Any, params: Any, primals: Any) -> Any:
-    """Call-like primitives the sparse mode inlines: `tracers -> (jaxpr, args)`.
-
-    jit and remat bodies are inlined; so is the branch of a `cond` whose index is known
-    while tracing.
-    """
-    if primitive is _jax.jit_p:
-        return lambda tracers: (params["jaxpr"], tracers)
-    if primitive is _jax.remat_p:
-        return lambda tracers: (_jax.close_jaxpr(params["jaxpr"]), tracers)
-    if primitive is _jax.cond_p:
-        index = _jax.concrete_value(primals[0])
-        if index is None:
-            return None
-        branches = params["branches"]
-        branch = branches[int(np.clip(int(index), 0, len(branches) - 1))]
-        return lambda tracers: (branch, tracers[1:])
-    return None
-
-
-def _generic_rule() -> Callable[..., Any]:
-    from .rules.generic import generic_rule
-
-    return generic_rule
+@functools.cache
+def _generic(primitive: Any) -> LapRule:
+    """The rule of a primitive missing from the table: JVP rules, twice."""
+    return LapRule(generic_lap_rule(primitive))
 
 
 def unzip3(triples: Any) -> tuple[list[Any], list[Any], list[Any]]:
@@ -509,7 +247,7 @@ def lap_flat(
         ]
         # `jax.nn.softmax` as its custom_jvp (the flag JAX means to make the default),
         # for `rules.custom.softmax_rule`, which the sparse mode runs on block-sparse
-        # data where the softmax axis spans few enough blocks (`_sparse_softmax`).
+        # data where the softmax axis spans few enough blocks.
         with _jax.set_current_trace(trace), jax.softmax_custom_jvp(True):
             outs = fun(*in_tracers)
         triples = [trace.to_triple(o) for o in outs]

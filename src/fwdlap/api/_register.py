@@ -1,14 +1,21 @@
 """`fwdlap.register_rule`: teach fwdlap a forward-Laplacian rule."""
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import jax
 
 from .._core import _jax, registry
+from .._core.registry import Fallback, LapRule
+from .._core.rules.families import sparse_elementwise
 
 
-def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
+def register_rule(
+    primitive: Any,
+    rule: Callable[..., Any],
+    *,
+    sparse: Literal["elementwise"] | None = None,
+) -> None:
     r"""Register a forward-Laplacian rule for a primitive or a custom_jvp function.
 
     fwdlap propagates, for every intermediate value $y$, its jacobian (one row per
@@ -23,6 +30,12 @@ def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
     - `primitive`: either a `jax.extend.core.Primitive`, or a function decorated with
         `jax.custom_jvp` (which then keeps its JVP rule for every other transformation).
     - `rule`: the rule. Registering again replaces the previous rule.
+    - `sparse`: how the block-sparse mode (`fwdlap.Sparsity`) treats the operation.
+        `None` (the default): its operands' jacobians are made dense first (a
+        `fwdlap.DensificationWarning` says so). `"elementwise"`: every output element
+        depends only on the same element of the (broadcast) inputs, as for `jnp.exp`
+        or `x * y`; the jacobians then stay block-sparse and `rule` runs on their
+        stored rows, aligned so that each row names the same block in every operand.
 
     **Rules for primitives** have the signature
 
@@ -99,8 +112,15 @@ def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
             "fwdlap.register_rule: `rule` must be a callable, got "
             f"{type(rule).__name__}."
         )
+    if sparse not in (None, "elementwise"):
+        raise ValueError(
+            "fwdlap.register_rule: `sparse` must be None or 'elementwise', got "
+            f"{sparse!r}."
+        )
     if isinstance(primitive, _jax.Primitive):
-        registry.register(primitive, rule)
+        dense = _primitive_rule(rule)
+        sparse_rule = None if sparse is None else sparse_elementwise(primitive, dense)
+        registry.register(primitive, LapRule(dense, sparse_rule))
         return
     if isinstance(primitive, jax.custom_jvp):
         custom_fn = cast(Any, primitive)
@@ -119,13 +139,40 @@ def register_rule(primitive: Any, rule: Callable[..., Any]) -> None:
                 f"{_name(custom_fn)!r} has no JVP rule yet; call its `defjvp` first, "
                 "so that other transformations (and fwdlap's fallback) can use it."
             )
-        registry.register_custom_jvp(custom_fn, rule)
+        dense = _custom_jvp_rule(rule)
+        sparse_rule = None if sparse is None else sparse_elementwise(custom_fn, dense)
+        registry.register(custom_fn, LapRule(dense, sparse_rule, kind="custom_jvp"))
         return
     raise TypeError(
         "fwdlap.register_rule: `primitive` must be a jax.extend.core.Primitive or a "
         f"function decorated with jax.custom_jvp, got {type(primitive).__name__}. "
         "Other Python functions need no rule: fwdlap traces through them."
     )
+
+
+def _primitive_rule(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """A user's primitive rule with the table's signature."""
+
+    def dense(ctx: Any, primals: Any, jacobians: Any, laplacians: Any, **params: Any):
+        del ctx
+        return rule(primals, jacobians, laplacians, **params)
+
+    dense.__qualname__ = getattr(rule, "__qualname__", repr(rule))
+    return dense
+
+
+def _custom_jvp_rule(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """A user's custom_jvp rule with the table's signature and way to decline."""
+
+    def dense(ctx: Any, primals: Any, jacobians: Any, laplacians: Any, **params: Any):
+        del ctx, params
+        out = rule(list(primals), list(jacobians), list(laplacians))
+        if out is NotImplemented:
+            return Fallback("rule", "the registered rule returned NotImplemented")
+        return out
+
+    dense.__qualname__ = getattr(rule, "__qualname__", repr(rule))
+    return dense
 
 
 def _name(fn: Any) -> str:

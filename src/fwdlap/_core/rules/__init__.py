@@ -1,15 +1,6 @@
-"""Forward-Laplacian rules, one module per family; importing registers them."""
+"""Forward-Laplacian rules, one module per family; importing one registers its rules.
 
-from . import bilinear, control_flow, custom, elementwise, generic, linear, reduction
-from . import linalg as linalg
-from . import sparse_control_flow as sparse_control_flow
-
-__all__ = [
-    "bilinear",
-    "control_flow",
-    "custom",
-    "elementwise",
-    "generic",
-    "linear",
-    "reduction",
-]
+`fwdlap._core` imports them all. This package imports none of them itself, so that
+the core modules (the trace, the registry) may import the few they use without a
+cycle.
+"""

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import registry
+from .. import dot_split
+from ..registry import DECLINED
 from ..zeros import (
     add,
     broadcast_operands,
@@ -20,6 +21,8 @@ from ..zeros import (
     zero_jacobian,
     zero_laplacian,
 )
+from . import sparse_rules
+from .families import def_bilinear
 
 
 def _apply_to_directions(
@@ -47,6 +50,7 @@ def _first_order(
 
 
 def mul_rule(
+    ctx: Any,
     primals: Sequence[Any],
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
@@ -137,6 +141,7 @@ def _stacked_product(a: Any, ja: Any, la: Any, b: Any, side: int, params) -> Any
 
 
 def dot_general_rule(
+    ctx: Any,
     primals: Sequence[Any],
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
@@ -171,6 +176,7 @@ def dot_general_rule(
 
 
 def conv_rule(
+    ctx: Any,
     primals: Sequence[Any],
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
@@ -190,6 +196,19 @@ def conv_rule(
     return out, jac_out, lap_out
 
 
-registry.register(lax.mul_p, mul_rule)
-registry.register(lax.dot_general_p, dot_general_rule)
-registry.register(lax.conv_general_dilated_p, conv_rule)
+def _split_dot(trace: Any, tracers, primals, jacobians, laplacians, params) -> Any:
+    """A `dot_general` of an expanded operand, done on the smaller value."""
+    out = dot_split.split_dot(trace, trace.origins, tracers, params)
+    return DECLINED if out is None else out
+
+
+def _register() -> None:
+    def_bilinear(lax.mul_p, mul_rule, sparse="elementwise")
+    sparse_dot = sparse_rules.bind(sparse_rules.dot_general_rule, lax.dot_general_p)
+    def_bilinear(
+        lax.dot_general_p, dot_general_rule, sparse=sparse_dot, rewrite=_split_dot
+    )
+    def_bilinear(lax.conv_general_dilated_p, conv_rule, sparse=None)
+
+
+_register()

@@ -10,10 +10,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _jax, registry
+from ..registry import DECLINED, LapRule
+from ..sparse import is_sparse
 from ..trace import jacobian_aval, lap_jaxpr, unpack_tangents
-from ..zeros import Zero, instantiate, is_zero
+from ..zeros import instantiate, is_zero
+from . import sparse_control_flow as scf
+from . import sparse_rules
+from .loop_jaxprs import cond_ignoring_tangents, group_sizes, reorder_binders
 
 
 def _nonzero(xs: Sequence[Any]) -> list[bool]:
@@ -147,43 +153,6 @@ def _fixpoint_carry(
     return jac_c, lap_c
 
 
-def _reorder_binders(closed: Any, groups_in: list[int], groups_out: list[int]) -> Any:
-    """Reorder `[P..., J..., L...]` binders, each split into groups, into
-    `[P_g1, J_g1, L_g1, P_g2, J_g2, L_g2, ...]`."""
-
-    def regroup(vars_: list[Any], sizes: list[int]) -> list[Any]:
-        ng = len(sizes) // 3
-        blocks, start = [], 0
-        for s in sizes:
-            blocks.append(vars_[start : start + s])
-            start += s
-        p_blocks, j_blocks, l_blocks = (
-            blocks[:ng],
-            blocks[ng : 2 * ng],
-            blocks[2 * ng :],
-        )
-        out: list[Any] = []
-        for g in range(ng):
-            out += p_blocks[g] + j_blocks[g] + l_blocks[g]
-        return out
-
-    jaxpr = closed.jaxpr
-    return _jax.replace_jaxpr_binders(
-        closed,
-        regroup(list(jaxpr.invars), groups_in),
-        regroup(list(jaxpr.outvars), groups_out),
-    )
-
-
-def _group_sizes(groups: list[tuple[int, list[bool], list[bool]]]) -> list[int]:
-    """Binder sizes in `[P..., J..., L...]` order for (count, jac_nz, lap_nz) groups."""
-    return (
-        [c for c, _, _ in groups]
-        + [sum(j) for _, j, _ in groups]
-        + [sum(lp) for _, _, lp in groups]
-    )
-
-
 def _instantiate_to(xs: Sequence[Any], nz: Sequence[bool]) -> list[Any]:
     return [instantiate(x) for x, z in zip(xs, nz, strict=False) if z]
 
@@ -225,8 +194,8 @@ def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
         (len(x_p), xs_nz[0], xs_nz[1]),
     ]
     groups_out = [(num_carry, jac_c, lap_c), (num_ys, ys_jac_nz, ys_lap_nz)]
-    new_body = _reorder_binders(
-        new_body, _group_sizes(groups_in), _group_sizes(groups_out)
+    new_body = reorder_binders(
+        new_body, group_sizes(groups_in), group_sizes(groups_out)
     )
     # Scanned jacobians are (n, length, ...); scan needs the length axis first.
     xs_jacs = [jnp.moveaxis(j, 0, 1) for j in _nz_values(x_j)]
@@ -283,15 +252,15 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
     )
     groups_in = [(body_nconsts, const_nz[0], const_nz[1]), (num_carry, jac_c, lap_c)]
     groups_out = [(num_carry, jac_c, lap_c)]
-    new_body = _reorder_binders(
-        new_body, _group_sizes(groups_in), _group_sizes(groups_out)
+    new_body = reorder_binders(
+        new_body, group_sizes(groups_in), group_sizes(groups_out)
     )
     carry_avals = [jax.typeof(c) for c in k_p]
     tangent_avals = [
         *[jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c, strict=True) if z],
         *[a.to_tangent_aval() for a, z in zip(carry_avals, lap_c, strict=True) if z],
     ]
-    new_cond = _cond_ignoring_tangents(
+    new_cond = cond_ignoring_tangents(
         cond_jaxpr, cond_nconsts + num_carry, tangent_avals
     )
     args = [
@@ -347,28 +316,74 @@ def while_with_scalar_predicate(args: Sequence[Any], params: Any) -> list[Any]:
     return jax.lax.while_loop(keep_going, step, init)
 
 
-def _cond_ignoring_tangents(
-    cond_jaxpr: Any, num_primal: int, tangent_avals: Sequence[Any]
-) -> Any:
-    """The loop condition, taking (and ignoring) tangent carries of `tangent_avals`
-    after its `num_primal` constants and primal carries."""
-    avals = [*cond_jaxpr.in_avals, *tangent_avals]
-    fun = _jax.jaxpr_as_fun(cond_jaxpr)
+# --- rewrites: traced under the LapTrace itself ---------------------------------------
 
-    def cond(*args: Any) -> Any:
-        return fun(*args[:num_primal])
 
-    dbg = cond_jaxpr.jaxpr.debug_info.with_unknown_names()
-    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
-        _jax.wrap_init(cond, debug_info=dbg), avals
+def _has_sparse(trace: Any, jacobians: Sequence[Any]) -> bool:
+    return trace.sparse is not None and any(is_sparse(j) for j in jacobians)
+
+
+def _inline(trace: Any, closed: Any, args: Sequence[Any]) -> list[Any]:
+    with _jax.set_current_trace(trace):
+        return _jax.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def _inline_jit(trace, tracers, primals, jacobians, laplacians, params) -> Any:
+    """Inline jnp's `jit(inline=True)` helpers as JAX's own tracing does (so that
+    `dot_split` sees their operands), and every jit body in the sparse mode."""
+    if params.get("inline") or _has_sparse(trace, jacobians):
+        return _inline(trace, params["jaxpr"], tracers)
+    return DECLINED
+
+
+def _inline_remat(trace, tracers, primals, jacobians, laplacians, params) -> Any:
+    """The sparse mode inlines remat bodies."""
+    if _has_sparse(trace, jacobians):
+        return _inline(trace, _jax.close_jaxpr(params["jaxpr"]), tracers)
+    return DECLINED
+
+
+def _inline_known_branch(trace, tracers, primals, jacobians, laplacians, params):
+    """The sparse mode inlines the branch of a `cond` whose index is known."""
+    if not _has_sparse(trace, jacobians):
+        return DECLINED
+    index = _jax.concrete_value(primals[0])
+    if index is None:
+        return DECLINED
+    branches = params["branches"]
+    branch = branches[int(np.clip(int(index), 0, len(branches) - 1))]
+    return _inline(trace, branch, tracers[1:])
+
+
+def _scalar_predicate(trace, tracers, primals, jacobians, laplacians, params) -> Any:
+    """A `while` whose predicate is an array (from `jax.vmap`), with a scalar one."""
+    if not params["cond_jaxpr"].out_avals[0].shape:
+        return DECLINED
+    if all(is_zero(t) for t in (*jacobians, *laplacians)):
+        return DECLINED
+    with _jax.set_current_trace(trace):
+        return while_with_scalar_predicate(tracers, params)
+
+
+def _register() -> None:
+    bind = sparse_rules.bind
+
+    def control_flow(dense, sparse=None, rewrite=None) -> LapRule:
+        return LapRule(dense, sparse, kind="control_flow", rewrite=rewrite)
+
+    registry.register(_jax.jit_p, control_flow(jit_rule, rewrite=_inline_jit))
+    registry.register(_jax.remat_p, control_flow(remat_rule, rewrite=_inline_remat))
+    cond = control_flow(
+        cond_rule, bind(scf.cond_rule, _jax.cond_p), _inline_known_branch
     )
-    return _jax.ClosedJaxpr(jaxpr, consts)
+    registry.register(_jax.cond_p, cond)
+    registry.register(
+        _jax.scan_p, control_flow(scan_rule, bind(scf.scan_rule, _jax.scan_p))
+    )
+    while_ = control_flow(
+        while_rule, bind(scf.while_rule, _jax.while_p), _scalar_predicate
+    )
+    registry.register(_jax.while_p, while_)
 
 
-registry.register_trace_rule(_jax.jit_p, jit_rule)
-registry.register_trace_rule(_jax.remat_p, remat_rule)
-registry.register_trace_rule(_jax.cond_p, cond_rule)
-registry.register_trace_rule(_jax.scan_p, scan_rule)
-registry.register_trace_rule(_jax.while_p, while_rule)
-
-__all__ = ["Zero"]
+_register()

@@ -1,17 +1,35 @@
-"""custom_jvp: differentiate the user's JVP rule once more.
+"""custom_jvp functions: their rules in the table, and the generic path.
 
-The rule gives f'(x)[t]. The Laplacian needs f''(x)[v, v] = d/ds f'(x + s v)[v], which
-is the JVP of the rule with respect to its primal inputs. The rule is traced to a jaxpr
-once (a `WrappedFun` may only be called once) and then reused for every direction.
+A `jax.custom_jvp` function reaches `LapTrace.process_custom_jvp_call` as a
+`custom_jvp_call` whose `fun` is either the function's own Python callable (a direct
+call) or a function evaluating the jaxpr it was staged into (inside `jax.jit`, and so
+for everything in `jax.numpy.linalg`). Rules are keyed by the custom_jvp object's
+underlying Python function; staged calls are matched by the source location JAX
+recorded and then verified: the staged jaxpr must equal a fresh trace of the
+registered function at the same input types. That check rejects calls that an outer
+transformation (`jax.vmap` inside the differentiated function, say) has rewritten;
+they take the generic path. (`jax.nn.softmax` is matched on its source location alone:
+its rule reads the JVP rule it is given and declines what it does not recognise.)
+
+The generic path differentiates the function's JVP rule once more. The rule gives
+f'(x)[t]; the Laplacian needs f''(x)[v, v] = d/ds f'(x + s v)[v], the JVP of the rule
+with respect to its primal inputs. The rule is traced to a jaxpr once (a `WrappedFun`
+may only be called once, see `CustomJvpCall`) and then reused for every direction.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-from .. import _jax
+from .. import _jax, registry, sparse
+from ..registry import Fallback, LapRule
+from ..sparse import is_sparse
 from ..zeros import Zero, instantiate, is_zero
+from . import sparse_rules
+from .families import acts_elementwise
 from .generic import laplacian_from_jvp
 
 
@@ -219,3 +237,275 @@ def reduced_axes(closed: Any) -> set[int] | None:
 
 def _is_float(x: Any) -> bool:
     return jax.numpy.issubdtype(jax.typeof(x).dtype, jax.numpy.inexact)
+
+
+# --- one call -------------------------------------------------------------------------
+
+
+class CustomJvpCall:
+    """A `custom_jvp_call` being processed: what its rules get as `call=`.
+
+    **Attributes:**
+
+    - `fun`: the function called (see the module docstring).
+    - `jvp`: its JVP rule, a `WrappedFun` that may be called only once: use `traced`.
+    - `symbolic_zeros`: whether the JVP rule takes symbolic zeros.
+    - `name`: a readable name for reports.
+    """
+
+    def __init__(self, fun: Any, jvp: Any, symbolic_zeros: bool, name: str):
+        self.fun = fun
+        self.jvp = jvp
+        self.symbolic_zeros = symbolic_zeros
+        self.name = name
+        self._traced: tuple[Any, Any] | None = None
+
+    def traced(self, primals, jacobians, laplacians) -> tuple[Any, Any]:
+        """`trace_jvp_rule` of this call, traced on the first use only.
+
+        Only which tangents are zero matters, and densifying keeps zeros zero.
+        """
+        if self._traced is None:
+            self._traced = trace_jvp_rule(
+                primals, jacobians, laplacians, self.jvp, self.symbolic_zeros
+            )
+        return self._traced
+
+
+def lap_custom_jvp_call(
+    trace: Any,
+    fun: Any,
+    jvp: Any,
+    symbolic_zeros: bool,
+    primals: list[Any],
+    jacs: list[Any],
+    laps: list[Any],
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Forward-Laplacian outputs of a `custom_jvp_call`, under the parent trace.
+
+    The table's rule for `fun` (or the generic one) runs sparse where it can; a
+    sparse rule that declines has the operands made dense for the dense rule, and a
+    dense rule that declines gives way to the generic one.
+    """
+    found = find_rule(fun)
+    rule, out_avals = (GENERIC, None) if found is None else found
+    call = CustomJvpCall(fun, jvp, symbolic_zeros, rule.name or _custom_jvp_name(fun))
+    ctx = trace.sparse
+    if ctx is not None and any(is_sparse(j) for j in jacs):
+        if rule.sparse is None:
+            reason = "a custom_jvp function with a rule for dense jacobians only"
+            result: Any = Fallback("rule", reason)
+        else:
+            result = rule.sparse(ctx, primals, jacs, laps, call=call)
+        if not isinstance(result, Fallback):
+            outs, jac_outs, lap_outs = (list(r) for r in result)
+            if found is not None and not rule.by_source and out_avals is None:
+                _direct_call_out_avals(fun, primals)  # the call reads what it stores
+            jac_outs, lap_outs = sparse_rules.finish_all(
+                ctx, call.name, outs, jac_outs, lap_outs
+            )
+            return outs, jac_outs, lap_outs
+        laps = ctx.densified_laplacians(jacs, laps)
+        jacs = sparse_rules.densify_operands(ctx, call.name, jacs, result)
+    result = rule.dense(trace, primals, jacs, laps, call=call)
+    if isinstance(result, Fallback):
+        return GENERIC.dense(trace, primals, jacs, laps, call=call)
+    outs, jac_outs, lap_outs = (list(r) for r in result)
+    if found is not None and not rule.by_source:
+        if out_avals is None:
+            out_avals = _direct_call_out_avals(fun, primals)
+        _check_outputs(rule, out_avals, outs, jac_outs, lap_outs, trace.n)
+    return outs, jac_outs, lap_outs
+
+
+# --- the generic rule -----------------------------------------------------------------
+
+
+def generic_dense(ctx: Any, primals, jacobians, laplacians, *, call: CustomJvpCall):
+    """Differentiate the JVP rule once more."""
+    jvp_fn, _ = call.traced(primals, jacobians, laplacians)
+    return laplacian_from_jvp(jvp_fn, primals, jacobians, laplacians)
+
+
+def generic_sparse(ctx: Any, primals, jacobians, laplacians, *, call: CustomJvpCall):
+    """An elementwise JVP rule (`jax.nn.relu`, say) runs on aligned data."""
+    jvp_fn, closed = call.traced(primals, jacobians, laplacians)
+    if any(not is_zero(j) and not is_sparse(j) for j in jacobians):
+        return Fallback("threshold", "an operand's jacobian is already dense")
+    shapes = {j.shape for j in jacobians if is_sparse(j)}
+    if len(shapes) != 1 or not acts_elementwise(closed.jaxpr, shapes.pop()):
+        reason = "a custom_jvp function whose JVP rule is not elementwise"
+        return Fallback("rule", reason)
+    aligned = sparse_rules.align_slots(ctx, call.name, primals, jacobians)
+    if isinstance(aligned, Fallback):
+        return aligned
+    rows, target = aligned
+    outs, jac_outs, lap_outs = laplacian_from_jvp(jvp_fn, primals, rows, laplacians)
+    jac_outs = [sparse_rules.wrap(j, target, ctx.block_size) for j in jac_outs]
+    return outs, jac_outs, lap_outs
+
+
+GENERIC = LapRule(generic_dense, generic_sparse, kind="custom_jvp")
+"""The rule of a custom_jvp function without one of its own."""
+
+
+# --- jax.nn.softmax -------------------------------------------------------------------
+
+
+def softmax_dense(ctx: Any, primals, jacobians, laplacians, *, call: CustomJvpCall):
+    """`softmax_rule`, or the generic rule where it does not apply."""
+    traced = call.traced(primals, jacobians, laplacians)
+    outs = softmax_rule(
+        primals, jacobians, laplacians, call.jvp, call.symbolic_zeros, traced
+    )
+    return Fallback("rule", "not the usual softmax") if outs is None else outs
+
+
+def softmax_sparse(ctx: Any, primals, jacobians, laplacians, *, call: CustomJvpCall):
+    """`jax.nn.softmax` of a block-sparse input.
+
+    Each output element depends on the blocks of its whole softmax axis. Where those
+    are within the threshold, `softmax_rule` runs on the input's data aligned to them
+    and the outputs stay sparse.
+    """
+    jac = jacobians[0]
+    traced = call.traced(primals, jacobians, laplacians)
+    if not is_sparse(jac):
+        return Fallback("threshold", "an operand's jacobian is already dense")
+    if any(not is_zero(j) for j in jacobians[1:]):
+        return Fallback("rule", "a softmax argument other than x has tangents")
+    layout = softmax_layout(traced[1], len(primals))
+    if layout is None:
+        return Fallback("rule", "the softmax's JVP rule is not the usual one")
+    axes, perm = layout
+    # The blocks are found in the output's layout (jax.vmap may have moved the batch
+    # axis); the rule itself brings the aligned rows into that layout.
+    idx_out = np.transpose(jac.idx, (0, *(1 + p for p in perm)))
+    target = sparse.union_along(idx_out, axes, ctx.max_blocks)
+    if target is None:
+        reason = f"the softmax depends on more than {ctx.max_blocks} blocks per element"
+        return Fallback("threshold", reason)
+    back = (0, *(1 + p for p in np.argsort(perm)))
+    rows = [sparse.align(jac, np.transpose(target, back)), *jacobians[1:]]
+    outs = softmax_rule(
+        primals, rows, laplacians, call.jvp, call.symbolic_zeros, traced
+    )
+    if outs is None:
+        return Fallback("rule", "the softmax's JVP rule is not the usual one")
+    (y,), (jac_y,), (lap_y,) = outs
+    return [y], [sparse_rules.wrap(jac_y, target, ctx.block_size)], [lap_y]
+
+
+# --- finding the rule of a call -------------------------------------------------------
+
+
+def find_rule(fun: Any) -> tuple[LapRule, Any] | None:
+    """The table's rule for a `custom_jvp_call` of `fun`, if any.
+
+    Returns `(rule, out_avals)` where `out_avals` is None for a direct call (the output
+    types are only known once `fun` is traced) and for a rule matched `by_source`.
+    """
+    target, closed = _jax.custom_jvp_call_target(fun)
+    if target is not None:
+        rule = registry.rules.get(target)
+        if rule is not None:
+            return rule, None
+    src = _jax.custom_jvp_call_src_info(fun)
+    key = registry.custom_jvp_by_source.get(src) if src is not None else None
+    rule = registry.rules.get(key) if key is not None else None
+    if rule is None:
+        return None
+    if rule.by_source:
+        return rule, None
+    if target is not None or closed is None:
+        return None
+    fresh = _fresh_trace_text(key, tuple(closed.in_avals))
+    if fresh is None or fresh != str(closed.jaxpr):
+        return None
+    return rule, list(closed.out_avals)
+
+
+@functools.cache
+def _fresh_trace_text(target: Any, in_avals: tuple[Any, ...]) -> str | None:
+    """The printed jaxpr of `target(*args)` at `in_avals`, or None if that fails."""
+
+    def flat_target(*args: Any) -> list[Any]:
+        return jax.tree_util.tree_leaves(target(*args))
+
+    try:
+        dbg = _jax.make_debug_info("fwdlap rule check", flat_target, in_avals, {})
+        wrapped = _jax.wrap_init(flat_target, debug_info=dbg)
+        jaxpr, _, _ = _jax.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
+        return str(jaxpr)
+    except Exception:  # noqa: BLE001 - any failure means "not this function"
+        return None
+
+
+def _direct_call_out_avals(fun: Any, primals: Any) -> list[Any]:
+    """Trace a directly called custom_jvp `fun` (abstractly) for its output types.
+
+    Also fills the output-structure store that `jax.custom_jvp.__call__` reads, which
+    the call expects either `fun` or the JVP rule to have filled.
+    """
+    avals = [jax.typeof(p) for p in primals]
+    _, out_avals, _ = _jax.trace_to_jaxpr_dynamic(fun, avals)
+    return list(out_avals)
+
+
+def _check_outputs(
+    rule: LapRule,
+    out_avals: list[Any],
+    outs: list[Any],
+    jacs: list[Any],
+    laps: list[Any],
+    n: int,
+) -> None:
+    """Check a rule's outputs against the function's (a user's rule may be wrong)."""
+    dense = rule.dense
+    name = getattr(dense, "__qualname__", None) or repr(dense)
+    if not len(outs) == len(jacs) == len(laps) == len(out_avals):
+        raise ValueError(
+            f"The forward-Laplacian rule {name!r} registered with "
+            f"fwdlap.register_rule returned {len(outs)} primal outputs, "
+            f"{len(jacs)} jacobians and {len(laps)} laplacians, but the custom_jvp "
+            f"function has {len(out_avals)} (flattened) outputs. Return three lists "
+            "with one entry per output."
+        )
+    triples = zip(out_avals, outs, jacs, laps, strict=True)
+    for i, (aval, o, j, lp) in enumerate(triples):
+        shape = tuple(aval.shape)
+        got = (_shape(o), _shape(j), _shape(lp))
+        want = (shape, (n, *shape), shape)
+        if got != want:
+            raise ValueError(
+                f"The forward-Laplacian rule {name!r} registered with "
+                f"fwdlap.register_rule returned shapes {got[0]} (primal), {got[1]} "
+                f"(jacobian) and {got[2]} (laplacian) for output {i}, expected "
+                f"{want[0]}, {want[1]} and {want[2]}: the jacobian has a leading axis "
+                "of the n tangent directions."
+            )
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    aval: Any = x.aval if type(x) is Zero else jax.typeof(x)
+    return tuple(aval.shape)
+
+
+def _custom_jvp_name(fun: Any) -> str:
+    """A readable name for a custom_jvp function in densification reports."""
+    src = _jax.custom_jvp_call_src_info(fun)
+    if src:
+        return src.split(" at ")[0]
+    target, _ = _jax.custom_jvp_call_target(fun)
+    return getattr(target, "__name__", None) or "custom_jvp function"
+
+
+def _register() -> None:
+    if _jax.softmax_custom_jvp is not None:
+        softmax = LapRule(
+            softmax_dense, softmax_sparse, "custom_jvp", by_source=True, name="softmax"
+        )
+        registry.register(_jax.softmax_custom_jvp, softmax)
+
+
+_register()

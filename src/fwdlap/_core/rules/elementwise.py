@@ -5,14 +5,13 @@ Each unary primitive supplies its first and second derivative as functions of th
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import registry
 from ..zeros import (
     add,
     broadcast_operands,
@@ -21,42 +20,7 @@ from ..zeros import (
     zero_jacobian,
     zero_laplacian,
 )
-from .generic import make_generic
-
-Derivs = Callable[[Any, Any, dict[str, Any]], tuple[Any, Any]]
-
-
-def sum_squares(jac: Any) -> Any:
-    """sum_k J_k * J_k over the leading direction axis."""
-    # An elementwise product and a reduction fuse in XLA; an einsum would lower to a
-    # dot_general whose batch dimensions are every output element.
-    return jnp.sum(jac * jac, axis=0)
-
-
-def unary_rule(primitive: Any, derivs: Derivs, real_only: bool = False):
-    generic = make_generic(primitive)
-
-    def rule(
-        primals: Sequence[Any],
-        jacobians: Sequence[Any],
-        laplacians: Sequence[Any],
-        **params: Any,
-    ):
-        (x,), (jac,), (lap,) = primals, jacobians, laplacians
-        if real_only and jnp.iscomplexobj(x):
-            return generic(primals, jacobians, laplacians, **params)
-        y = primitive.bind(x, **params)
-        d1, d2 = derivs(x, y, params)
-        if is_zero(jac):
-            jac_out = zero_jacobian(y, jac.aval.shape[0])
-            second = zero_laplacian(y)
-        else:
-            jac_out = d1 * jac
-            second = d2 * sum_squares(jac)
-        first = zero_laplacian(y) if is_zero(lap) else d1 * lap
-        return y, jac_out, add(second, first)
-
-    return rule
+from .families import def_elementwise, sum_squares
 
 
 def _integer_pow(x: Any, y: Any, params: dict[str, Any]) -> tuple[Any, Any]:
@@ -162,46 +126,15 @@ def _digamma(x, y, p):
     return jax.scipy.special.polygamma(1, x), jax.scipy.special.polygamma(2, x)
 
 
-_DERIVS: dict[str, tuple[Derivs, bool]] = {
-    "exp": (lambda x, y, p: (y, y), False),
-    "exp2": (lambda x, y, p: (_LN2 * y, _LN2 * _LN2 * y), False),
-    "log": (lambda x, y, p: (1 / x, -1 / (x * x)), False),
-    "log1p": (lambda x, y, p: (1 / (1 + x), -1 / ((1 + x) * (1 + x))), False),
-    "expm1": (lambda x, y, p: (y + 1, y + 1), False),
-    "sin": (lambda x, y, p: (jnp.cos(x), -y), False),
-    "cos": (lambda x, y, p: (-jnp.sin(x), -y), False),
-    "tan": (_tan, False),
-    "sinh": (lambda x, y, p: (jnp.cosh(x), y), False),
-    "cosh": (lambda x, y, p: (jnp.sinh(x), y), False),
-    "tanh": (_tanh, False),
-    "logistic": (_logistic, False),
-    "sqrt": (_sqrt, False),
-    "rsqrt": (_rsqrt, False),
-    "cbrt": (_cbrt, True),
-    "square": (lambda x, y, p: (2 * x, jnp.full_like(x, 2)), False),
-    "integer_pow": (_integer_pow, False),
-    "abs": (lambda x, y, p: (jnp.sign(x), jnp.zeros_like(x)), True),
-    "atan": (_atan, False),
-    "asin": (_asin, False),
-    "acos": (_acos, False),
-    "asinh": (_asinh, False),
-    "acosh": (_acosh, False),
-    "atanh": (_atanh, False),
-    "erf": (_erf, True),
-    "erfc": (_erfc, True),
-    "erf_inv": (_erf_inv, True),
-    "lgamma": (_lgamma, True),
-    "digamma": (_digamma, True),
-}
-
-
 def div_rule(
+    ctx: Any,
     primals: Sequence[Any],
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
     **params: Any,
 ):
     """x / y, using d2/dxdy = -1/y^2 and d2/dy2 = 2x/y^3."""
+    del ctx
     # A rank-0 operand broadcasts in the primitive but not in the jacobian algebra.
     primals, jacobians, laplacians = broadcast_operands(primals, jacobians, laplacians)
     (x, y), (jx, jy), (lx, ly) = primals, jacobians, laplacians
@@ -231,11 +164,45 @@ def div_rule(
 
 
 def _register() -> None:
-    for name, (derivs, real_only) in _DERIVS.items():
-        prim = getattr(lax, f"{name}_p", None)
-        if prim is not None:
-            registry.register(prim, unary_rule(prim, derivs, real_only))
-    registry.register(lax.div_p, div_rule)
+    """Unary primitives with their derivatives; complex inputs of `real_only` ones
+    take the generic rule."""
+    def_elementwise(lax.exp_p, lambda x, y, p: (y, y))
+    def_elementwise(lax.exp2_p, lambda x, y, p: (_LN2 * y, _LN2 * _LN2 * y))
+    def_elementwise(lax.log_p, lambda x, y, p: (1 / x, -1 / (x * x)))
+    def_elementwise(
+        lax.log1p_p, lambda x, y, p: (1 / (1 + x), -1 / ((1 + x) * (1 + x)))
+    )
+    def_elementwise(lax.expm1_p, lambda x, y, p: (y + 1, y + 1))
+    def_elementwise(lax.sin_p, lambda x, y, p: (jnp.cos(x), -y))
+    def_elementwise(lax.cos_p, lambda x, y, p: (-jnp.sin(x), -y))
+    def_elementwise(lax.tan_p, _tan)
+    def_elementwise(lax.sinh_p, lambda x, y, p: (jnp.cosh(x), y))
+    def_elementwise(lax.cosh_p, lambda x, y, p: (jnp.sinh(x), y))
+    def_elementwise(lax.tanh_p, _tanh)
+    def_elementwise(lax.logistic_p, _logistic)
+    def_elementwise(lax.sqrt_p, _sqrt)
+    def_elementwise(lax.rsqrt_p, _rsqrt)
+    def_elementwise(lax.cbrt_p, _cbrt, real_only=True)
+    def_elementwise(lax.square_p, lambda x, y, p: (2 * x, jnp.full_like(x, 2)))
+    def_elementwise(lax.integer_pow_p, _integer_pow)
+    def_elementwise(
+        lax.abs_p, lambda x, y, p: (jnp.sign(x), jnp.zeros_like(x)), real_only=True
+    )
+    def_elementwise(lax.atan_p, _atan)
+    def_elementwise(lax.asin_p, _asin)
+    def_elementwise(lax.acos_p, _acos)
+    def_elementwise(lax.asinh_p, _asinh)
+    def_elementwise(lax.acosh_p, _acosh)
+    def_elementwise(lax.atanh_p, _atanh)
+    def_elementwise(lax.erf_p, _erf, real_only=True)
+    def_elementwise(lax.erfc_p, _erfc, real_only=True)
+    def_elementwise(lax.erf_inv_p, _erf_inv, real_only=True)
+    def_elementwise(lax.lgamma_p, _lgamma, real_only=True)
+    def_elementwise(lax.digamma_p, _digamma, real_only=True)
+    # Several operands: the generic rule, except for div.
+    def_elementwise(lax.div_p, dense=div_rule)
+    for prim in (lax.max_p, lax.min_p, lax.pow_p, lax.atan2_p, lax.rem_p, lax.clamp_p):
+        def_elementwise(prim)
 
 
 _register()

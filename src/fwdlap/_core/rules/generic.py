@@ -17,7 +17,14 @@ from typing import Any
 import jax
 
 from .. import _jax
-from ..zeros import add, instantiate, is_zero, zero_laplacian
+from ..zeros import (
+    add,
+    instantiate,
+    is_zero,
+    num_directions,
+    zero_jacobian,
+    zero_laplacian,
+)
 
 # jvp_fn(primals, tangents) -> (primals_out, tangents_out), both lists; tangents may be
 # `Zero` on the way in and out.
@@ -124,8 +131,6 @@ def laplacian_from_jvp(
 
 
 def _zero_jac_like(primal: Any, jacobians: Sequence[Any]) -> Any:
-    from ..zeros import num_directions, zero_jacobian
-
     return zero_jacobian(primal, num_directions(jacobians))
 
 
@@ -145,6 +150,12 @@ def generic_rule(
     return outs[0], jacs[0], laps[0]
 
 
-def make_generic(primitive: Any) -> Callable[..., Any]:
-    """The generic rule bound to one primitive."""
-    return functools.partial(generic_rule, primitive)
+@functools.cache
+def generic_lap_rule(primitive: Any) -> Callable[..., Any]:
+    """The generic rule of `primitive`, as a table rule `(ctx, primals, ...)`."""
+
+    def rule(ctx: Any, primals, jacobians, laplacians, **params: Any):
+        del ctx
+        return generic_rule(primitive, primals, jacobians, laplacians, **params)
+
+    return rule

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import _jax, registry
+from .. import _jax, registry, sparse
+from ..registry import Fallback, LapRule
 from ..zeros import add, is_zero, num_directions, zero_jacobian, zero_laplacian
 
 
@@ -96,8 +97,6 @@ def _slogdet_outputs(parts: tuple[int, Any, Any, Any, Any]) -> Any:
 
 def _det_outputs(parts: tuple[int, Any, Any, Any, Any]) -> Any:
     """`[det]` and its tangents from those of log|det| (dense or block-sparse)."""
-    from .. import sparse
-
     n, sign, logdet, jac_log, lap_log = parts
     det = sign * jnp.exp(logdet)
     if is_zero(jac_log):
@@ -116,26 +115,23 @@ def _det_outputs(parts: tuple[int, Any, Any, Any, Any]) -> Any:
     return [det], [jac_det], [lap_det]
 
 
-def slogdet_rule(
-    primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
-) -> Any:
+_COMPLEX = Fallback("rule", "a complex matrix")
+_TOO_MANY = (
+    "its sparse rule does not apply (the matrix rows depend on more than "
+    "{} blocks, or it is complex)"
+)
+
+
+def slogdet_rule(ctx: Any, primals, jacobians, laplacians, **params: Any) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.slogdet` (outputs `[sign, logabsdet]`)."""
     parts = _log_abs_det_parts(primals, jacobians, laplacians)
-    return NotImplemented if parts is None else _slogdet_outputs(parts)
+    return _COMPLEX if parts is None else _slogdet_outputs(parts)
 
 
-def det_rule(
-    primals: Sequence[Any], jacobians: Sequence[Any], laplacians: Sequence[Any]
-) -> Any:
+def det_rule(ctx: Any, primals, jacobians, laplacians, **params: Any) -> Any:
     """Forward-Laplacian rule of `jnp.linalg.det` (for matrices larger than 3x3)."""
     parts = _log_abs_det_parts(primals, jacobians, laplacians)
-    return NotImplemented if parts is None else _det_outputs(parts)
-
-
-for _fn in _jax.slogdet_custom_jvps:
-    registry.register_custom_jvp(_fn, slogdet_rule)
-if _jax.det_custom_jvp is not None:
-    registry.register_custom_jvp(_jax.det_custom_jvp, det_rule)
+    return _COMPLEX if parts is None else _det_outputs(parts)
 
 
 # --- block-sparse variants -----------------------------------------------------------
@@ -152,8 +148,6 @@ if _jax.det_custom_jvp is not None:
 
 
 def _sparse_log_abs_det(ctx: Any, primals, jacobians, laplacians):
-    from .. import sparse
-
     (a,), (ja,), (la,) = primals, jacobians, laplacians
     if not _is_real(a) or not sparse.is_sparse(ja):
         return None
@@ -189,8 +183,6 @@ def _sparse_log_abs_det(ctx: Any, primals, jacobians, laplacians):
 
 def _sum_last_axis(ctx: Any, sj: Any) -> Any:
     """Sum a sparse jacobian over its last value axis (sparse if it stays small)."""
-    from .. import sparse
-
     axis = len(sj.shape) - 1
     target = sparse.union_along(sj.idx, (axis,), ctx.max_blocks)
     if target is None:
@@ -207,17 +199,21 @@ def _sum_last_axis(ctx: Any, sj: Any) -> Any:
     return sparse.SparseJac(data, target[..., 0], sj.block_size)
 
 
-def sparse_slogdet_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
+def _sparse_declined(ctx: Any) -> Fallback:
+    return Fallback("threshold", _TOO_MANY.format(ctx.max_blocks))
+
+
+def sparse_slogdet_rule(ctx: Any, primals, jacobians, laplacians, **params) -> Any:
+    """`slogdet_rule` for a block-sparse matrix whose rows name few blocks."""
     parts = _sparse_log_abs_det(ctx, primals, jacobians, laplacians)
-    return NotImplemented if parts is None else _slogdet_outputs(parts)
+    return _sparse_declined(ctx) if parts is None else _slogdet_outputs(parts)
 
 
-def sparse_det_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
-    from .. import sparse
-
+def sparse_det_rule(ctx: Any, primals, jacobians, laplacians, **params) -> Any:
+    """`det_rule` for a block-sparse matrix whose rows name few blocks."""
     parts = _sparse_log_abs_det(ctx, primals, jacobians, laplacians)
     if parts is None:
-        return NotImplemented
+        return _sparse_declined(ctx)
     n, sign, logdet, jac_log, lap_log = parts
     if ctx.window is None or is_zero(jac_log) or sparse.is_sparse(jac_log):
         return _det_outputs(parts)
@@ -228,13 +224,25 @@ def sparse_det_rule(ctx: Any, primals, jacobians, laplacians) -> Any:
     return outs, jacs, [sparse.WindowedLaplacian(lap)]
 
 
-def small_slogdet_rule(primals, jacobians, laplacians) -> Any:
+_CHEAP = Fallback("rule", "1x1 and 2x2 determinants: JAX's own JVP rule is cheap")
+
+
+def small_slogdet_rule(ctx: Any, primals, jacobians, laplacians, **params) -> Any:
     """`_slogdet_small` (1x1, 2x2): JAX's own JVP rule, differentiated once more."""
-    return NotImplemented
+    return _CHEAP
 
 
-registry.sparse_custom_jvp_rules[slogdet_rule] = sparse_slogdet_rule
-registry.sparse_custom_jvp_rules[det_rule] = sparse_det_rule
-registry.sparse_custom_jvp_rules[small_slogdet_rule] = sparse_slogdet_rule
-if _jax.slogdet_small_custom_jvp is not None:
-    registry.register_custom_jvp(_jax.slogdet_small_custom_jvp, small_slogdet_rule)
+def _register() -> None:
+    def rule(dense: Any, sparse: Any) -> LapRule:
+        return LapRule(dense, sparse, kind="custom_jvp")
+
+    for fn in _jax.slogdet_custom_jvps:
+        registry.register(fn, rule(slogdet_rule, sparse_slogdet_rule))
+    if _jax.det_custom_jvp is not None:
+        registry.register(_jax.det_custom_jvp, rule(det_rule, sparse_det_rule))
+    if _jax.slogdet_small_custom_jvp is not None:
+        small = rule(small_slogdet_rule, sparse_slogdet_rule)
+        registry.register(_jax.slogdet_small_custom_jvp, small)
+
+
+_register()

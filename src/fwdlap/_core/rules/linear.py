@@ -1,177 +1,94 @@
-"""Rules for primitives that are linear in their differentiable inputs.
+"""Primitives that are linear in their differentiable inputs, or have no derivative.
 
 A linear map has no second-order term: the output jacobian is the map applied to each
-direction and the output laplacian is the map applied to the input laplacian.
+direction and the output laplacian is the map applied to the input laplacian. In the
+sparse mode, structural primitives move block indices as they move values; the others
+are elementwise (aligned) or have their own sparse rule.
 """
 
-from collections.abc import Sequence
 from typing import Any
 
-import jax
 from jax import lax
 
 from .. import _jax, registry
-from ..zeros import (
-    instantiate,
-    is_zero,
-    num_directions,
-    zero_jacobian,
-    zero_laplacian,
-)
-from .generic import primitive_jvp_fn
+from ..registry import LapRule
+from . import sparse_rules
+from .families import def_linear, def_zero
+from .generic import generic_lap_rule
 
-# Linear in their single (array) input: apply the primitive to the tangents directly.
-_UNARY_NAMES = [
-    "neg",
-    "reshape",
-    "broadcast_in_dim",
-    "transpose",
-    "squeeze",
-    "expand_dims",
-    "slice",
-    "rev",
-    "copy",
-    "real",
-    "imag",
-    "conj",
-    "cumsum",
-    "reduce_precision",
-    "tile",
-]
-# Linear in their differentiable inputs, possibly with integer or boolean operands:
-# apply JAX's JVP rule (which is the linear map itself) to the tangents.
-_MULTI_NAMES = [
-    "add",
-    "sub",
-    "concatenate",
-    "pad",
-    "select_n",
-    "dynamic_slice",
-    "dynamic_update_slice",
-    "gather",
-    "scatter",
-    "scatter_add",
-    "scatter_sub",
-    "complex",
-    "reduce_window_sum",
-    "convert_element_type",
-    "sharding_constraint",
-    "device_put",
-    "split",
-    "stack",
-    "unstack",
-    "psum",
-    "all_gather",
-    "ppermute",
-    "all_to_all",
-    "fft",
-]
+INDEX_MAPS = sparse_rules.INDEX_MAPS
+bind = sparse_rules.bind
 
 
-def _lookup(name: str) -> Any:
+def _prim(name: str) -> Any:
+    """`lax.<name>_p`, or None where this JAX has no such primitive."""
     return getattr(lax, f"{name}_p", None)
 
 
-def unary_linear_rule(primitive: Any):
-    def rule(
-        primals: Sequence[Any],
-        jacobians: Sequence[Any],
-        laplacians: Sequence[Any],
-        **params: Any,
+def _register_linear() -> None:
+    # One array operand: the primitive itself maps every direction.
+    for name in ("neg", "copy", "real", "imag", "conj", "reduce_precision"):
+        def_linear(_prim(name), unary=True, elementwise=True)
+    for name in ("broadcast_in_dim", "reshape", "transpose", "squeeze", "slice", "rev"):
+        def_linear(_prim(name), INDEX_MAPS[name], unary=True)
+    def_linear(_prim("tile"), INDEX_MAPS["tile"], unary=True)
+    cumsum = bind(sparse_rules.cumulative_rule, lax.cumsum_p)
+    def_linear(lax.cumsum_p, sparse=cumsum, unary=True)
+    # Several operands (or integer ones): JAX's JVP rule is the linear map.
+    for prim in (lax.add_p, lax.sub_p, lax.select_n_p, lax.complex_p, _jax.add_any_p):
+        def_linear(prim, elementwise=True)
+    def_linear(lax.convert_element_type_p, elementwise=True)
+    rules = {
+        "concatenate": sparse_rules.concatenate_rule,
+        "split": sparse_rules.split_rule,
+        "stack": sparse_rules.stack_rule,
+        "unstack": sparse_rules.unstack_rule,
+        "pad": sparse_rules.pad_rule,
+        "gather": sparse_rules.gather_rule,
+        "dynamic_slice": sparse_rules.dynamic_slice_rule,
+        "dynamic_update_slice": sparse_rules.dynamic_update_slice_rule,
+        "scatter": sparse_rules.scatter_rule,
+        "scatter_add": sparse_rules.scatter_add_rule,
+    }
+    for name, rule in rules.items():
+        prim = _prim(name)
+        def_linear(prim, sparse=None if prim is None else bind(rule, prim))
+    # Densified on purpose: no sparse rule (yet), or values mixed across devices.
+    for name in (
+        "scatter_sub",
+        "reduce_window_sum",
+        "sharding_constraint",
+        "device_put",
+        "psum",
+        "all_gather",
+        "ppermute",
+        "all_to_all",
+        "fft",
     ):
-        (x,), (jac,), (lap,) = primals, jacobians, laplacians
-        out = primitive.bind(x, **params)
-        if is_zero(jac):
-            jac_out = zero_jacobian(out, jac.aval.shape[0])
-        else:
-            jac_out = jax.vmap(lambda j: primitive.bind(j, **params))(jac)
-        lap_out = zero_laplacian(out) if is_zero(lap) else primitive.bind(lap, **params)
-        return out, jac_out, lap_out
-
-    return rule
+        def_linear(_prim(name), sparse=None)
 
 
-def multi_linear_rule(primitive: Any):
-    def rule(
-        primals: Sequence[Any],
-        jacobians: Sequence[Any],
-        laplacians: Sequence[Any],
-        **params: Any,
-    ):
-        jvp_fn = primitive_jvp_fn(primitive, params)
-        outs, lap_out = jvp_fn(primals, laplacians)
-        nz = [i for i, j in enumerate(jacobians) if not is_zero(j)]
-        n = num_directions(jacobians)
-        if nz:
-            zero_flags: list[bool] = []
-
-            def one_direction(*v_nz: Any) -> list[Any]:
-                vs = [zero_laplacian(p) for p in primals]
-                for i, v in zip(nz, v_nz, strict=False):
-                    vs[i] = v
-                _, tangents = jvp_fn(primals, vs)
-                zero_flags[:] = [is_zero(t) for t in tangents]
-                return [instantiate(t) for t in tangents]
-
-            jac_out = jax.vmap(one_direction)(*[jacobians[i] for i in nz])
-            jac_out = [
-                zero_jacobian(p, n) if z else j
-                for p, j, z in zip(outs, jac_out, zero_flags, strict=False)
-            ]
-        else:
-            jac_out = [zero_jacobian(p, n) for p in outs]
-        if primitive.multiple_results:
-            return outs, jac_out, lap_out
-        return outs[0], jac_out[0], lap_out[0]
-
-    return rule
+def _register_zero() -> None:
+    for name in (
+        "sign", "floor", "ceil", "round", "nextafter", "stop_gradient", "is_finite",
+        "eq", "ne", "lt", "le", "gt", "ge", "argmax", "argmin", "and", "or", "not",
+        "xor", "reduce_and", "reduce_or", "reduce_xor", "population_count",
+    ):  # fmt: skip
+        def_zero(_prim(name))
 
 
-def zero_derivative_rule(primitive: Any):
-    """For piecewise-constant primitives (floor, sign, stop_gradient, ...)."""
-
-    def rule(
-        primals: Sequence[Any],
-        jacobians: Sequence[Any],
-        laplacians: Sequence[Any],
-        **params: Any,
-    ):
-        out = primitive.bind(*primals, **params)
-        n = num_directions(jacobians)
-        outs = out if primitive.multiple_results else [out]
-        jacs = [zero_jacobian(o, n) for o in outs]
-        laps = [zero_laplacian(o) for o in outs]
-        if primitive.multiple_results:
-            return outs, jacs, laps
-        return out, jacs[0], laps[0]
-
-    return rule
-
-
-def _register() -> None:
-    for name in _UNARY_NAMES:
-        prim = _lookup(name)
+def _register_others() -> None:
+    """Nonlinear primitives that copy or mix block indices: generic dense rules."""
+    for name in ("scatter_min", "scatter_max", "scatter_mul"):
+        prim = _prim(name)
         if prim is not None:
-            registry.register(prim, unary_linear_rule(prim))
-    for name in _MULTI_NAMES:
-        prim = _lookup(name)
-        if prim is not None:
-            registry.register(prim, multi_linear_rule(prim))
-    add_any = getattr(_jax, "add_any_p", None)
-    if add_any is not None:
-        registry.register(add_any, multi_linear_rule(add_any))
-    for name in [
-        "sign",
-        "floor",
-        "ceil",
-        "round",
-        "stop_gradient",
-        "is_finite",
-        "nextafter",
-    ]:
-        prim = _lookup(name)
-        if prim is not None:
-            registry.register(prim, zero_derivative_rule(prim))
+            sparse = bind(sparse_rules.scatter_add_rule, prim)
+            registry.register(prim, LapRule(generic_lap_rule(prim), sparse))
+    solve = _jax.linear_solve_p
+    sparse = bind(sparse_rules.all_to_all_rule, solve)
+    registry.register(solve, LapRule(generic_lap_rule(solve), sparse))
 
 
-_register()
+_register_linear()
+_register_zero()
+_register_others()

@@ -19,7 +19,10 @@ import jax
 from jax import lax
 
 from .. import registry
+from ..registry import LapRule
 from ..zeros import is_zero, zero_jacobian, zero_laplacian
+from . import sparse_rules
+from .generic import generic_lap_rule
 
 MAX_SLICED_AXIS = 16
 """The longest axis summed as slices rather than by a reduction."""
@@ -84,11 +87,13 @@ def sum_axes(x: Any, axes: Sequence[int], params: dict[str, Any]) -> Any:
 
 
 def reduce_sum_rule(
+    ctx: Any,
     primals: Sequence[Any],
     jacobians: Sequence[Any],
     laplacians: Sequence[Any],
     **params: Any,
 ):
+    del ctx
     (x,), (jac,), (lap,) = primals, jacobians, laplacians
     axes = tuple(params["axes"])
     out = lax.reduce_sum_p.bind(x, **params)
@@ -101,7 +106,24 @@ def reduce_sum_rule(
 
 
 def _register() -> None:
-    registry.register(lax.reduce_sum_p, reduce_sum_rule)
+    """Reductions, cumulative ops and sort: generic dense rules except for sums.
+
+    Their sparse rules first make every slot constant along the reduced axes.
+    """
+    bind = sparse_rules.bind
+    sparse = bind(sparse_rules.reduce_rule, lax.reduce_sum_p)
+    registry.register(
+        lax.reduce_sum_p, LapRule(reduce_sum_rule, sparse, kind="reduction")
+    )
+    reductions = [(p, sparse_rules.reduce_rule) for p in _REDUCTIONS]
+    cumulative = [(p, sparse_rules.cumulative_rule) for p in _CUMULATIVE]
+    for prim, rule in [*reductions, *cumulative, (lax.sort_p, sparse_rules.sort_rule)]:
+        dense = generic_lap_rule(prim)
+        registry.register(prim, LapRule(dense, bind(rule, prim), kind="reduction"))
+
+
+_REDUCTIONS = (lax.reduce_max_p, lax.reduce_min_p, lax.reduce_prod_p)
+_CUMULATIVE = (lax.cumprod_p, lax.cummax_p, lax.cummin_p, lax.cumlogsumexp_p)
 
 
 _register()

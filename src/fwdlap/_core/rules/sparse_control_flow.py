@@ -32,8 +32,7 @@ from .. import _jax, sparse
 from ..sparse import SparseContext, SparseJac, is_sparse
 from ..trace import lap_flat_layouts
 from ..zeros import instantiate, is_zero, zero_jacobian, zero_laplacian
-from . import sparse_rules
-from .control_flow import _cond_ignoring_tangents, _group_sizes, _reorder_binders
+from .loop_jaxprs import cond_ignoring_tangents, group_sizes, reorder_binders
 from .sparse_rules import Fallback
 
 DENSE = "dense"
@@ -332,8 +331,8 @@ def scan_rule(ctx, primitive, primals, jacs, laps, params):
         _groups(*xs),
     ]
     groups_out = [_groups(k_lo, k_lap), _groups(ys_lo, ys_lap)]
-    new_body = _reorder_binders(
-        new_body, _group_sizes(groups_in), _group_sizes(groups_out)
+    new_body = reorder_binders(
+        new_body, group_sizes(groups_in), group_sizes(groups_out)
     )
 
     def scanned_data(j: Any, x: Any, lo: Layout) -> Any:
@@ -434,10 +433,10 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
     new_body = trace_body(
         ctx, body, [*consts[0], *k_lo], [*consts[1], *k_lap], k_lo, k_lap
     )
-    new_body = _reorder_binders(
+    new_body = reorder_binders(
         new_body,
-        _group_sizes([*_window_groups(ctx), _groups(*consts), _groups(k_lo, k_lap)]),
-        _group_sizes([_groups(k_lo, k_lap)]),
+        group_sizes([*_window_groups(ctx), _groups(*consts), _groups(k_lo, k_lap)]),
+        group_sizes([_groups(k_lo, k_lap)]),
     )
     carry_avals = [jax.typeof(p) for p in k_p]
     tangent_avals = [
@@ -448,7 +447,7 @@ def while_rule(ctx, primitive, primals, jacs, laps, params):
         ],
         *[a.to_tangent_aval() for a, nz in zip(carry_avals, k_lap, strict=True) if nz],
     ]
-    new_cond = _cond_ignoring_tangents(cond, ncc + len(k_p), tangent_avals)
+    new_cond = cond_ignoring_tangents(cond, ncc + len(k_p), tangent_avals)
     window = _window_args(ctx)
     args = [
         *cc_p,
@@ -511,8 +510,3 @@ def cond_rule(ctx, primitive, primals, jacs, laps, params):
     ]
     outs = _jax.cond_p.bind(*args, **dict(params, branches=new_branches))
     return _unpack(ctx, outs, len(branches[0].out_avals), out_layouts, out_laps)
-
-
-sparse_rules.sparse_rules[_jax.scan_p] = scan_rule
-sparse_rules.sparse_rules[_jax.while_p] = while_rule
-sparse_rules.sparse_rules[_jax.cond_p] = cond_rule

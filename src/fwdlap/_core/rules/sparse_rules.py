@@ -32,24 +32,26 @@ import numpy as np
 from jax import lax
 
 from .. import _jax, registry, sparse
+from ..registry import Fallback as Fallback
+from ..registry import LapRule
 from ..sparse import SparseContext, SparseJac, is_sparse
 from ..zeros import add, is_zero, zero_jacobian, zero_laplacian
-
-
-class Fallback:
-    """A rule's answer that it cannot keep this call sparse, and why."""
-
-    __slots__ = ("cause", "reason", "blocks")
-
-    def __init__(self, cause: str, reason: str, blocks: int = 0):
-        self.cause = cause
-        self.reason = reason
-        self.blocks = blocks
-
+from .generic import generic_lap_rule
 
 Result = tuple[Any, Any, Any]
-SparseRule = Callable[..., "Result | Fallback"]
-sparse_rules: dict[Any, SparseRule] = {}
+PrimitiveRule = Callable[..., "Result | Fallback"]
+"""`(ctx, primitive, primals, jacobians, laplacians, params)`; `bind` makes a rule."""
+
+
+def bind(rule: PrimitiveRule, primitive: Any) -> registry.Rule:
+    """`rule` for one primitive, with the table's signature."""
+
+    def bound(ctx: SparseContext, primals, jacobians, laplacians, **params: Any):
+        return rule(
+            ctx, primitive, list(primals), list(jacobians), list(laplacians), params
+        )
+
+    return bound
 
 
 def _too_many(ctx: SparseContext, what: str, blocks: int = 0) -> Fallback:
@@ -60,13 +62,11 @@ def _too_many(ctx: SparseContext, what: str, blocks: int = 0) -> Fallback:
     )
 
 
-def dense_rule(primitive: Any) -> Callable[..., Any]:
+def dense_rule(ctx: SparseContext, primitive: Any) -> Callable[..., Any]:
+    """The table's dense rule of `primitive` (else the generic one), to run on data."""
     rule = registry.rules.get(primitive)
-    if rule is None:
-        from .generic import generic_rule
-
-        rule = functools.partial(generic_rule, primitive)
-    return rule
+    dense = generic_lap_rule(primitive) if rule is None else rule.dense
+    return functools.partial(dense, ctx)
 
 
 def _rows_jacs(
@@ -132,26 +132,6 @@ def align_slots(ctx, what, primals, jacs):
     return _rows_jacs(primals, jacs, datas, rows), target
 
 
-def elementwise_rule(ctx, primitive, primals, jacs, laps, params):
-    aligned = align_elementwise(ctx, primitive, primals, jacs, laps)
-    if isinstance(aligned, Fallback):
-        return aligned
-    primals, jacs, laps, target = aligned
-    out, jac_out, lap_out = dense_rule(primitive)(primals, jacs, laps, **params)
-    return out, wrap(jac_out, target, ctx.block_size), lap_out
-
-
-_ELEMENTWISE = [
-    "add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "neg", "sign",
-    "floor", "ceil", "round", "nextafter", "select_n", "clamp",
-    "convert_element_type", "copy", "copy_p", "reduce_precision", "exp", "exp2",
-    "log", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "tanh", "logistic",
-    "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "abs", "atan", "asin", "acos",
-    "asinh", "acosh", "atanh", "erf", "erfc", "erf_inv", "lgamma", "digamma",
-    "real", "imag", "conj", "complex",
-]  # fmt: skip
-
-
 # --- reductions, cumulative ops, sort -----------------------------------------
 
 
@@ -172,7 +152,7 @@ def reduce_rule(ctx, primitive, primals, jacs, laps, params):
     if target is None:
         return _too_many(ctx, f"{primitive} over axes {axes}")
     data = sparse.align(jac, target)
-    out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
+    out, jac_out, lap_out = dense_rule(ctx, primitive)(primals, [data], laps, **params)
     return out, wrap(jac_out, _first_along(target, axes), ctx.block_size), lap_out
 
 
@@ -227,7 +207,7 @@ def cumulative_rule(ctx, primitive, primals, jacs, laps, params):
     if target is None:
         return _too_many(ctx, f"{primitive} along axis {axis}")
     data = sparse.align(jac, target)
-    out, jac_out, lap_out = dense_rule(primitive)(primals, [data], laps, **params)
+    out, jac_out, lap_out = dense_rule(ctx, primitive)(primals, [data], laps, **params)
     return out, wrap(jac_out, target, ctx.block_size), lap_out
 
 
@@ -245,7 +225,7 @@ def sort_rule(ctx, primitive, primals, jacs, laps, params):
         return _too_many(ctx, "sort")
     rows = target.shape[0] * ctx.block_size
     datas = {i: sparse.align(j, target) for i, j in enumerate(jacs) if is_sparse(j)}
-    outs, jac_outs, lap_outs = dense_rule(primitive)(
+    outs, jac_outs, lap_outs = dense_rule(ctx, primitive)(
         primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
     )
     return outs, [wrap(j, target, ctx.block_size) for j in jac_outs], lap_outs
@@ -293,7 +273,7 @@ def _tile_idx(idx, *, reps, **_):
     return np.tile(idx, (1, *reps))
 
 
-_NUMPY_IDX: dict[str, Callable[..., np.ndarray | None]] = {
+INDEX_MAPS: dict[str, Callable[..., np.ndarray | None]] = {
     "broadcast_in_dim": _bid_idx,
     "reshape": _reshape_idx,
     "transpose": _transpose_idx,
@@ -304,7 +284,9 @@ _NUMPY_IDX: dict[str, Callable[..., np.ndarray | None]] = {
 }
 
 
-def _numpy_structural_rule(idx_fn):
+def structural_rule(idx_fn):
+    """A sparse rule moving block indices with `idx_fn(idx, **params)` (NumPy)."""
+
     def rule(ctx, primitive, primals, jacs, laps, params):
         jac = jacs[0]
         if any(is_sparse(j) or not is_zero(j) for j in jacs[1:]):
@@ -316,7 +298,7 @@ def _numpy_structural_rule(idx_fn):
         if wide is not None:
             return wide
         rows = jac.k * ctx.block_size
-        out, jac_out, lap_out = dense_rule(primitive)(
+        out, jac_out, lap_out = dense_rule(ctx, primitive)(
             primals, _rows_jacs(primals, jacs, {0: jac.data}, rows), laps, **params
         )
         return out, wrap(jac_out, np.ascontiguousarray(idx), ctx.block_size), lap_out
@@ -364,7 +346,7 @@ def _joining_rule(join_idx):
     def rule(ctx, primitive, primals, jacs, laps, params):
         k, datas, idxs = _common_slots(jacs, primals, range(len(primals)))
         idx = join_idx([idxs[i] for i in range(len(primals))], params)
-        out, jac_out, lap_out = dense_rule(primitive)(
+        out, jac_out, lap_out = dense_rule(ctx, primitive)(
             primals,
             _rows_jacs(primals, jacs, datas, k * ctx.block_size),
             laps,
@@ -387,7 +369,7 @@ def _splitting_rule(split_idx):
     def rule(ctx, primitive, primals, jacs, laps, params):
         (jac,) = jacs
         idxs = split_idx(jac.idx, params)
-        outs, jac_outs, lap_outs = dense_rule(primitive)(
+        outs, jac_outs, lap_outs = dense_rule(ctx, primitive)(
             primals, [jac.data], laps, **params
         )
         jac_outs = [
@@ -452,7 +434,7 @@ def _copy_slots(ctx, primitive, fn, positions, slots, primals, jacs, laps, param
     k, datas, idxs = slots
     idx = _eager_idx(fn, *[idxs[i] for i in positions])
     rows = k * ctx.block_size
-    out, jac_out, lap_out = dense_rule(primitive)(
+    out, jac_out, lap_out = dense_rule(ctx, primitive)(
         primals, _rows_jacs(primals, jacs, datas, rows), laps, **params
     )
     return out, wrap(jac_out, idx, ctx.block_size), lap_out
@@ -500,6 +482,11 @@ def _dynamic_slice_fn(params, values):
 
 def _dynamic_update_slice_fn(params, values):
     return lambda a, u: lax.dynamic_update_slice(a, u, [int(v) for v in values])
+
+
+pad_rule = _copy_rule((0, 1), _pad_fn, needs_values=False)
+gather_rule = _copy_rule((0,), _gather_fn)
+dynamic_update_slice_rule = _copy_rule((0, 1), _dynamic_update_slice_fn)
 
 
 class _ScatterAdd:
@@ -590,7 +577,7 @@ def scatter_add_rule(ctx, primitive, primals, jacs, laps, params):
         if is_sparse(jacs[i])
     }
     rows = out_idx.shape[0] * ctx.block_size
-    out, jac_out, lap_out = dense_rule(primitive)(
+    out, jac_out, lap_out = dense_rule(ctx, primitive)(
         primals, _rows_jacs(primals, jacs, aligned, rows), laps, **params
     )
     return out, wrap(jac_out, out_idx, ctx.block_size), lap_out
@@ -628,6 +615,8 @@ def _scatter_union(
 
 
 def _scatter_fn(params, values):
+    """`scatter` with the call's indices (it replaces: no union is needed)."""
+
     (indices,) = values
     return lambda a, u: lax.scatter(
         a,
@@ -655,7 +644,7 @@ def dynamic_slice_rule(ctx, primitive, primals, jacs, laps, params):
         return _too_many(ctx, "dynamic_slice at a traced position")
     data = sparse.align(jac, target)
     rows = target.shape[0] * ctx.block_size
-    out, jac_out, lap_out = dense_rule(primitive)(
+    out, jac_out, lap_out = dense_rule(ctx, primitive)(
         primals, _rows_jacs(primals, jacs, {0: data}, rows), laps, **params
     )
     idx = target[(slice(None), *[slice(0, s) for s in sizes])]
@@ -710,7 +699,7 @@ def dot_general_rule(ctx, primitive, primals, jacs, laps, params):
     if side_a is None or side_b is None:
         data, k, ix = side_a if side_a is not None else side_b  # pyright: ignore
         datas = {0: data} if side_a is not None else {1: data}
-        out, jac_out, lap_out = dense_rule(primitive)(
+        out, jac_out, lap_out = dense_rule(ctx, primitive)(
             primals, _rows_jacs(primals, jacs, datas, k * bs), laps, **params
         )
         idx = np.ascontiguousarray(np.broadcast_to(ix, (k, *out_shape)))
@@ -793,7 +782,7 @@ def all_to_all_rule(ctx, primitive, primals, jacs, laps, params):
     datas = {
         i: sparse.align(j, slots(j.shape)) for i, j in enumerate(jacs) if is_sparse(j)
     }
-    outs, jac_outs, lap_outs = dense_rule(primitive)(
+    outs, jac_outs, lap_outs = dense_rule(ctx, primitive)(
         primals, _rows_jacs(primals, jacs, datas, k * ctx.block_size), laps, **params
     )
     if not primitive.multiple_results:
@@ -821,85 +810,65 @@ def no_tangent_rule(ctx, primitive, primals, jacs, laps, params):
     return out, jac_outs[0], lap_outs[0]
 
 
-_NO_TANGENT = [
-    "eq", "ne", "lt", "le", "gt", "ge", "argmax", "argmin", "is_finite", "and",
-    "or", "not", "xor", "reduce_and", "reduce_or", "reduce_xor", "population_count",
-    "stop_gradient",
-]  # fmt: skip
+scatter_rule = _copy_rule((0, 2), _scatter_fn)
 
 
-def is_elementwise_jaxpr(jaxpr: Any, shape: tuple[int, ...]) -> bool:
-    """Whether every equation of `jaxpr` acts elementwise on values of `shape`.
+# --- dispatch ------------------------------------------------------------------------
 
-    Scalars may broadcast in. Used to keep custom_jvp functions such as `jax.nn.relu`
-    sparse: their JVP rule then only couples an element with itself.
+
+def apply_rule(
+    trace: Any,
+    rule: LapRule,
+    primitive: Any,
+    primals: Sequence[Any],
+    jacs: Sequence[Any],
+    laps: Sequence[Any],
+    params: dict[str, Any],
+) -> Any:
+    """Run `rule` for a primitive: sparse where it can, else dense; under the parent.
+
+    Returns the rule's `(outs, jacobians, laplacians)`, lists for `multiple_results`.
     """
-    allowed = set(_ELEMENTWISE) | set(_NO_TANGENT)
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        avals = [v.aval for v in (*eqn.invars, *eqn.outvars)]
-        if any(tuple(getattr(a, "shape", ())) not in ((), shape) for a in avals):
-            return False
-        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        if inner is not None:
-            inner = getattr(inner, "jaxpr", inner)
-            if not is_elementwise_jaxpr(inner, shape):
-                return False
-        elif name == "broadcast_in_dim":
-            if tuple(eqn.invars[0].aval.shape) != ():
-                return False
-        elif name not in allowed:
-            return False
-    return True
+    ctx = trace.sparse
+    if ctx is not None and any(is_sparse(j) for j in jacs):
+        result = _apply_sparse(ctx, rule, primitive, primals, jacs, laps, params)
+        if not isinstance(result, Fallback):
+            return _finished(ctx, primitive, result, primitive.multiple_results)
+        laps = ctx.densified_laplacians(jacs, laps)
+        jacs = densify_operands(ctx, primitive, jacs, result)
+    out = rule.dense(trace, primals, jacs, laps, **params)
+    if isinstance(out, Fallback):
+        out = generic_lap_rule(primitive)(trace, primals, jacs, laps, **params)
+    return out
 
 
-# --- dispatch ----------------------------------------------------------------
+def _apply_sparse(ctx, rule, primitive, primals, jacs, laps, params) -> Any:
+    if any(not is_zero(j) and not is_sparse(j) for j in jacs):
+        reason = "an operand's jacobian is already dense"
+        return Fallback("threshold", reason, ctx.num_blocks)
+    if rule.sparse is None:
+        return Fallback("rule", f"fwdlap has no sparse rule for {primitive}")
+    return rule.sparse(ctx, list(primals), list(jacs), list(laps), **params)
 
 
-def _register() -> None:
-    def lookup(name: str) -> Any:
-        return getattr(lax, f"{name}_p", None)
-
-    table: dict[str, SparseRule] = {}
-    for name in _ELEMENTWISE:
-        table[name] = elementwise_rule
-    for name in [
-        "reduce_sum",
-        "reduce_max",
-        "reduce_min",
-        "reduce_prod",
-    ]:
-        table[name] = reduce_rule
-    for name in ["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"]:
-        table[name] = cumulative_rule
-    table["sort"] = sort_rule
-    for name in _NO_TANGENT:
-        table[name] = no_tangent_rule
-    for name, fn in _NUMPY_IDX.items():
-        table[name] = _numpy_structural_rule(fn)
-    table["concatenate"] = concatenate_rule
-    table["split"] = split_rule
-    table["stack"] = stack_rule
-    table["unstack"] = unstack_rule
-    table["pad"] = _copy_rule((0, 1), _pad_fn, needs_values=False)
-    table["gather"] = _copy_rule((0,), _gather_fn)
-    table["dynamic_slice"] = dynamic_slice_rule
-    table["dynamic_update_slice"] = _copy_rule((0, 1), _dynamic_update_slice_fn)
-    table["scatter"] = _copy_rule((0, 2), _scatter_fn)
-    for name in ("scatter_add", "scatter_min", "scatter_max", "scatter_mul"):
-        table[name] = scatter_add_rule
-    table["dot_general"] = dot_general_rule
-    for name, rule in table.items():
-        prim = lookup(name)
-        if prim is not None:
-            sparse_rules[prim] = rule
-    sparse_rules[_jax.linear_solve_p] = all_to_all_rule
-    add_any = getattr(_jax, "add_any_p", None)
-    if add_any is not None:
-        sparse_rules[add_any] = elementwise_rule
+def _finished(ctx: SparseContext, what: Any, result: Any, multiple: bool) -> Any:
+    """`finish` every output of a sparse rule's `result`."""
+    outs, jacs, laps = result
+    if not multiple:
+        jac, lap = finish(ctx, what, outs, jacs, laps)
+        return outs, jac, lap
+    jacs, laps = finish_all(ctx, what, outs, jacs, laps)
+    return outs, jacs, laps
 
 
-_register()
+def finish_all(
+    ctx: SparseContext, what: Any, outs: Any, jacs: Any, laps: Any
+) -> tuple[list[Any], list[Any]]:
+    """`finish` over lists of outputs: `(jacobians, laplacians)`."""
+    pairs = [
+        finish(ctx, what, o, j, lp) for o, j, lp in zip(outs, jacs, laps, strict=True)
+    ]
+    return [j for j, _ in pairs], [lp for _, lp in pairs]
 
 
 def densify_operands(
@@ -911,34 +880,6 @@ def densify_operands(
         primitive, fallback.cause, fallback.reason, shapes[0], fallback.blocks
     )
     return [ctx.densify(j) if is_sparse(j) else j for j in jacs]
-
-
-def process(
-    ctx: SparseContext,
-    primitive: Any,
-    primals: Sequence[Any],
-    jacs: Sequence[Any],
-    laps: Sequence[Any],
-    params: dict[str, Any],
-) -> tuple[Any, list[Any]]:
-    """Apply `primitive`'s sparse rule; returns `(result or None, jacobians)`.
-
-    When the result is None the returned jacobians are dense and the caller runs the
-    dense path with them.
-    """
-    if any(not is_zero(j) and not is_sparse(j) for j in jacs):
-        fallback = Fallback(
-            "threshold", "an operand's jacobian is already dense", ctx.num_blocks
-        )
-        return None, densify_operands(ctx, primitive, jacs, fallback)
-    rule = sparse_rules.get(primitive)
-    if rule is None:
-        fallback = Fallback("rule", f"fwdlap has no sparse rule for {primitive}")
-        return None, densify_operands(ctx, primitive, jacs, fallback)
-    result = rule(ctx, primitive, list(primals), list(jacs), list(laps), params)
-    if isinstance(result, Fallback):
-        return None, densify_operands(ctx, primitive, jacs, result)
-    return result, list(jacs)
 
 
 def finish(
