@@ -15,7 +15,7 @@ from .rules import (  # noqa: F401
 )
 from .trace import LapTrace as LapTrace
 from .trace import LapTracer as LapTracer
-from .trace import lap_flat as lap_flat
-from .trace import lap_partial_flat as lap_partial_flat
+from .transform import lap_flat as lap_flat
+from .transform import lap_partial_flat as lap_partial_flat
 from .zeros import Zero as Zero
 from .zeros import zero_tangent_from_primal as zero_tangent_from_primal

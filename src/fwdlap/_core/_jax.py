@@ -1,13 +1,13 @@
 """The one module of fwdlap that touches JAX internals.
 
 Everything fwdlap needs from `jax._src`, `jax.interpreters` and `jax.extend` is imported
-here and re-exported under a stable local name, so that a JAX upgrade is a one-file fix.
+here and re-exported under a stable local name, with the branches between JAX versions,
+so that a JAX upgrade is a one-file fix. Algorithms live in the modules that use them.
 The supported range is declared in `pyproject.toml`; both ends are tested in CI.
 """
 
 import functools
 import inspect
-import sys
 from typing import Any
 
 import jax
@@ -15,11 +15,16 @@ import jax.extend.core as jex_core
 import jax.extend.linear_util as lu
 import numpy as np
 from jax import core as jax_core
+from jax._src import api_util as _api_util
 from jax._src import core as src_core
 from jax._src import sharding_impls as _sharding_impls
+from jax._src import source_info_util as _source_info_util
+from jax._src.ad_util import add_jaxvals_p
 from jax._src.interpreters import partial_eval as src_pe
-from jax.api_util import debug_info as make_debug_info
-from jax.custom_derivatives import SymbolicZero
+from jax._src.nn import functions as _nn_functions
+from jax._src.numpy import linalg as _np_linalg
+from jax._src.util import weakref_lru_cache as weakref_lru_cache  # keyed on jaxprs
+from jax.custom_derivatives import SymbolicZero as SymbolicZero
 from jax.interpreters import ad
 from jax.interpreters import partial_eval as pe
 
@@ -58,6 +63,7 @@ JVPTrace = ad.JVPTrace
 JVPTracer = ad.JVPTracer
 
 # Jaxpr tracing.
+make_debug_info = jax.api_util.debug_info
 PartialVal = pe.PartialVal
 trace_to_jaxpr_nounits = pe.trace_to_jaxpr_nounits
 trace_to_jaxpr_dynamic = pe.trace_to_jaxpr_dynamic
@@ -75,11 +81,6 @@ cond_p = primitives.cond_p
 remat_p = primitives.remat_p
 custom_jvp_call_p = primitives.custom_jvp_call_p
 custom_vjp_call_p = primitives.custom_vjp_call_p
-
-__all__ = [
-    "SymbolicZero",
-    "make_debug_info",
-]
 
 TRACER_INIT_TAKES_AVAL = "aval" in inspect.signature(Tracer.__init__).parameters
 
@@ -116,15 +117,13 @@ def close_jaxpr(jaxpr: Any) -> Any:
 
 
 # `add_any` is what JAX's own AD emits to sum tangents; it is linear.
-# --- custom_jvp functions with dedicated rules (fwdlap.register_rule) ---------------
+add_any_p = add_jaxvals_p
+
+# --- custom_jvp functions with dedicated rules ---------------------------------------
 # `jnp.linalg.slogdet` and `jnp.linalg.det` are jitted wrappers around these private
 # `jax.custom_jvp` objects; fwdlap ships rules for them (rules/linalg.py).
 # `_slogdet_small` (JAX >= 0.10, 1x1 and 2x2 closed forms) keeps JAX's dense path (it
 # is cheap); only its block-sparse variant is registered.
-from jax._src import api_util as _api_util  # noqa: E402
-from jax._src.ad_util import add_jaxvals_p as add_any_p  # noqa: E402, F401
-from jax._src.numpy import linalg as _np_linalg  # noqa: E402
-
 fun_sourceinfo = _api_util.fun_sourceinfo
 slogdet_custom_jvps: tuple[Any, ...] = tuple(
     f
@@ -135,17 +134,15 @@ det_custom_jvp: Any = getattr(_np_linalg, "_det", None)
 # JAX >= 0.10 computes 1x1 and 2x2 slogdets in closed form (`_slogdet_small`).
 slogdet_small_custom_jvp: Any = getattr(_np_linalg, "_slogdet_small", None)
 
-from jax._src.nn import functions as _nn_functions  # noqa: E402
 
 # `jax.nn.softmax` under `jax_softmax_custom_jvp=True`: a custom_jvp with
 # `nondiff_argnums=(1,)` (the axis), recognised by the source info of its call.
 softmax_custom_jvp: Any = getattr(_nn_functions, "_softmax", None)
 
-# The only transformations allowed between a custom_jvp function and the `fun` that
-# reaches `process_custom_jvp_call` for a dedicated rule to apply: output flattening.
-# Any other (batch_subtrace, jvp_subtrace, ...) means an outer trace changed what `fun`
-# computes, and fwdlap falls back to differentiating the JVP rule.
-_FLATTEN_TRANSFORMS = frozenset({"_flatten_fun_nokwargs", "flatten_fun_nokwargs"})
+# `custom_jvp_call` identification (rules/custom.py) reads how JAX wrapped `fun`: the
+# names of the output-flattening transformation, and the function `jaxpr_as_fun`
+# partially applies to a closed jaxpr.
+FLATTEN_TRANSFORMS = frozenset({"_flatten_fun_nokwargs", "flatten_fun_nokwargs"})
 
 
 def _jaxpr_as_fun_impl() -> Any:
@@ -154,41 +151,7 @@ def _jaxpr_as_fun_impl() -> Any:
     return probe.func if isinstance(probe, functools.partial) else None
 
 
-_JAXPR_AS_FUN_IMPL = _jaxpr_as_fun_impl()
-
-
-def custom_jvp_call_target(fun: Any) -> tuple[Any, Any]:
-    """What the `fun` of a `custom_jvp_call` evaluates.
-
-    Returns `(python_function, None)` when `fun` is the custom_jvp function's own Python
-    function, only wrapped to flatten its outputs (a direct call);
-    `(None, closed_jaxpr)`
-    when `fun` evaluates a jaxpr (the call was staged into a jaxpr first, as inside
-    `jax.jit`); `(None, None)` otherwise.
-    """
-    f = getattr(fun, "f", None)
-    names = [getattr(gen, "__name__", "") for gen, _ in getattr(fun, "transforms", ())]
-    if (
-        isinstance(f, functools.partial)
-        and f.func is _JAXPR_AS_FUN_IMPL
-        and not names
-        and len(f.args) == 1
-        and not f.keywords
-    ):
-        return None, f.args[0]
-    if f is not None and names and all(n in _FLATTEN_TRANSFORMS for n in names):
-        return f, None
-    return None, None
-
-
-def custom_jvp_call_src_info(fun: Any) -> str | None:
-    """The "name at file:line" source info that JAX recorded for a custom_jvp call."""
-    dbg = getattr(fun, "debug_info", None)
-    return getattr(dbg, "func_src_info", None)
-
-
-# A cache keyed weakly on its first argument (a jaxpr), as JAX caches `jvp_jaxpr`.
-from jax._src.util import weakref_lru_cache as weakref_lru_cache  # noqa: E402
+JAXPR_AS_FUN_IMPL = _jaxpr_as_fun_impl()
 
 
 def varying_axes(aval: Any) -> frozenset[Any]:
@@ -212,29 +175,15 @@ def match_varying(x: Any, aval: Any) -> Any:
 
 
 # --- sparse mode --------------------------------------------------------------------
-from jax._src import source_info_util as _source_info_util  # noqa: E402
 
-_FWDLAP_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-
-
-def user_source_line() -> str:
-    """`file:line (function)` of the user code that issued the current primitive."""
-    try:
-        frame = sys._getframe(1)
-        while frame is not None:
-            name = frame.f_code.co_filename
-            if not name.startswith(_FWDLAP_DIR) and _source_info_util.is_user_filename(
-                name
-            ):
-                return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
-            frame = frame.f_back
-    except Exception:  # noqa: BLE001 - only used in messages
-        pass
-    return ""
+is_user_filename = _source_info_util.is_user_filename  # for densification reports
 
 
 def concrete_value(x: Any) -> Any:
     """`x` as a NumPy array if its value is known while tracing, else None.
+
+    (Here rather than with the sparse rules because it walks JAX's private record of
+    how a tracer was made, which differs between versions.)
 
     Under `jax.jit`, index arrays written as constants in user code reach primitives
     as tracers (`jnp.asarray`, negative-index normalisation, ...). Their values are

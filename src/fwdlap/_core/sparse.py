@@ -26,6 +26,8 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import pathlib
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,6 +40,23 @@ from . import _jax
 from .zeros import is_zero as _is_zero
 
 logger = logging.getLogger("fwdlap.sparse")
+
+_FWDLAP_DIR = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def user_source_line() -> str:
+    """`file:line (function)` of the user code that issued the current primitive."""
+    try:
+        frame = sys._getframe(1)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if not name.startswith(_FWDLAP_DIR) and _jax.is_user_filename(name):
+                return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            frame = frame.f_back
+    except Exception:  # noqa: BLE001 - only used in messages
+        pass
+    return ""
+
 
 ON_DENSIFY = ("ignore", "log", "warn", "raise")
 
@@ -240,7 +259,7 @@ class SparseContext:
             reason=reason,
             shape=tuple(int(d) for d in shape),
             blocks=int(blocks),
-            source=_jax.user_source_line(),
+            source=user_source_line(),
         )
         held = _held.get()
         if held is not None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _jax, sparse
-from .trace import lap_flat
+from .transform import lap_flat
 from .zeros import is_zero, zero_jacobian
 
 

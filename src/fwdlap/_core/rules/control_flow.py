@@ -15,7 +15,7 @@ import numpy as np
 from .. import _jax, registry
 from ..registry import DECLINED, LapRule
 from ..sparse import is_sparse
-from ..trace import jacobian_aval, lap_jaxpr, unpack_tangents
+from ..transform import jacobian_aval, lap_jaxpr, unpack_tangents
 from ..zeros import instantiate, is_zero
 from . import sparse_control_flow as scf
 from . import sparse_rules
@@ -135,9 +135,7 @@ def cond_rule(trace: Any, primals, jacobians, laplacians, **params):
 # --- loops ---------------------------------------------------------------------------
 
 
-def _fixpoint_carry(
-    body: Any, n: int, const_nz, carry_nz, xs_nz, num_carry: int, x_avals
-):
+def _fixpoint_carry(body: Any, n: int, const_nz, carry_nz, xs_nz, num_carry: int):
     """Grow carry non-zero masks until the body's carry outputs match its inputs."""
     jac_c, lap_c = list(carry_nz[0]), list(carry_nz[1])
     for _ in range(len(jac_c) * 2 + 2):
@@ -149,7 +147,6 @@ def _fixpoint_carry(
         if new_jac == jac_c and new_lap == lap_c:
             break
         jac_c, lap_c = new_jac, new_lap
-    del x_avals
     return jac_c, lap_c
 
 
@@ -172,7 +169,7 @@ def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
     const_nz = (_nonzero(c_j), _nonzero(c_l))
     xs_nz = (_nonzero(x_j), _nonzero(x_l))
     jac_c, lap_c = _fixpoint_carry(
-        body, n, const_nz, (_nonzero(k_j), _nonzero(k_l)), xs_nz, num_carry, None
+        body, n, const_nz, (_nonzero(k_j), _nonzero(k_l)), xs_nz, num_carry
     )
     num_ys = len(body.out_avals) - num_carry
     # Carry outputs are instantiated to the fixpoint; ys keep their own sparsity.
@@ -245,7 +242,6 @@ def while_rule(trace: Any, primals, jacobians, laplacians, **params):
         (_nonzero(k_j), _nonzero(k_l)),
         ([], []),
         num_carry,
-        None,
     )
     new_body, _, _ = lap_jaxpr(
         body_jaxpr, n, [*const_nz[0], *jac_c], [*const_nz[1], *lap_c], jac_c, lap_c

@@ -405,12 +405,12 @@ def find_rule(fun: Any) -> tuple[LapRule, Any] | None:
     Returns `(rule, out_avals)` where `out_avals` is None for a direct call (the output
     types are only known once `fun` is traced) and for a rule matched `by_source`.
     """
-    target, closed = _jax.custom_jvp_call_target(fun)
+    target, closed = call_target(fun)
     if target is not None:
         rule = registry.rules.get(target)
         if rule is not None:
             return rule, None
-    src = _jax.custom_jvp_call_src_info(fun)
+    src = call_source(fun)
     key = registry.custom_jvp_by_source.get(src) if src is not None else None
     rule = registry.rules.get(key) if key is not None else None
     if rule is None:
@@ -491,12 +491,43 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(aval.shape)
 
 
+def call_target(fun: Any) -> tuple[Any, Any]:
+    """What the `fun` of a `custom_jvp_call` evaluates.
+
+    Returns `(python_function, None)` when `fun` is the custom_jvp function's own Python
+    function, only wrapped to flatten its outputs (a direct call); `(None,
+    closed_jaxpr)` when `fun` evaluates a jaxpr (the call was staged into a jaxpr
+    first, as inside `jax.jit`); `(None, None)` otherwise. Any transformation but
+    output flattening (batch_subtrace, jvp_subtrace, ...) means an outer trace changed
+    what `fun` computes, and the generic path must differentiate the JVP rule.
+    """
+    f = getattr(fun, "f", None)
+    names = [getattr(gen, "__name__", "") for gen, _ in getattr(fun, "transforms", ())]
+    if (
+        isinstance(f, functools.partial)
+        and f.func is _jax.JAXPR_AS_FUN_IMPL
+        and not names
+        and len(f.args) == 1
+        and not f.keywords
+    ):
+        return None, f.args[0]
+    if f is not None and names and all(n in _jax.FLATTEN_TRANSFORMS for n in names):
+        return f, None
+    return None, None
+
+
+def call_source(fun: Any) -> str | None:
+    """The "name at file:line" source info that JAX recorded for a custom_jvp call."""
+    dbg = getattr(fun, "debug_info", None)
+    return getattr(dbg, "func_src_info", None)
+
+
 def _custom_jvp_name(fun: Any) -> str:
     """A readable name for a custom_jvp function in densification reports."""
-    src = _jax.custom_jvp_call_src_info(fun)
+    src = call_source(fun)
     if src:
         return src.split(" at ")[0]
-    target, _ = _jax.custom_jvp_call_target(fun)
+    target, _ = call_target(fun)
     return getattr(target, "__name__", None) or "custom_jvp function"
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import _jax, sparse
 from ..sparse import SparseContext, SparseJac, is_sparse
-from ..trace import lap_flat_layouts
+from ..transform import lap_flat_layouts
 from ..zeros import instantiate, is_zero, zero_jacobian, zero_laplacian
 from .loop_jaxprs import cond_ignoring_tangents, group_sizes, reorder_binders
 from .sparse_rules import Fallback
