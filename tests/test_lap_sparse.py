@@ -943,6 +943,31 @@ def test_control_flow_stays_sparse(fun: Fun, jit: bool) -> None:
     assert (3 * N, N, WIDTH) not in carried
 
 
+def while_up_to_a_particle_value(x: jax.Array) -> jax.Array:
+    # The condition's constant `limit` has a block-sparse jacobian.
+    h = embed(particles(x))
+    limit = 3.0 + jnp.abs(h[0, 0])
+
+    def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return 1.3 * c[0] + 0.1 * jnp.tanh(c[0]), c[1] + 1
+
+    h, k = lax.while_loop(
+        lambda c: jnp.max(jnp.abs(c[0])) < limit, body, (h, jnp.asarray(0))
+    )
+    return h * k
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_while_condition_constants_densify_nothing(jit: bool) -> None:
+    # The condition sees primals only, so its constants' jacobians are not needed.
+    x = jnp.asarray(X)
+    run = functools.partial(lap_of, while_up_to_a_particle_value, sparsity=True)
+    with fwdlap.record_densifications() as events:
+        got = (jax.jit(run) if jit else run)(x)
+    assert events == [], events_summary(events)
+    assert_triple_close(got, reference_triple(while_up_to_a_particle_value, x))
+
+
 def test_loop_layout_grows_to_a_fixpoint() -> None:
     x = jnp.asarray(X)
     ref = reference_triple(neighbour_loop, x)

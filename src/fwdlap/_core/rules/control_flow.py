@@ -1,55 +1,216 @@
-"""Higher-order primitives: jit, scan, while, cond, remat.
+"""Higher-order primitives: jit, remat, cond, scan and while, in both modes.
 
-Each rule turns the inner jaxpr(s) into forward-Laplacian jaxprs (`lap_jaxpr`) that take
-and return only the non-zero tangents, so the work inside stays forward-Laplacian.
-Loops find which carries have non-zero tangents by a fixpoint, as JAX's JVP does.
+Each rule transforms the inner jaxpr(s), so the work inside stays forward-Laplacian.
+Every jacobian crossing a body takes one layout (`..layout`): zero or dense, and in
+the block-sparse mode also the blocks of a `SparseJac`. Only the non-zero jacobians
+and laplacians are passed in and out.
+
+- cond: every branch is traced with the operands' layouts; each output takes the join
+  of the layouts the branches give it.
+- loops: a carry keeps one layout for all iterations, found by a fixpoint as JAX's JVP
+  finds which carries are non-zero: trace the body, join each carry's layout with what
+  the body returns for it, and repeat until the body maps the layouts into themselves.
+  A scanned input takes one layout for all its slices; a scanned output the layout the
+  body gives it.
+- jit and remat: the outputs keep the layouts the body gives them. The sparse mode
+  inlines these bodies instead (see the rewrites below), and a cond whose index is
+  known: the layouts then need no fixpoint.
+
+Dense bodies are traced by the cached `lap_jaxpr`: the same jaxpr object each time
+lets `jit` reuse its compiled code on repeated eager calls. In a windowed sparse pass
+(`sparse.Window`) every body takes the window's start as one more input, in front.
 """
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _jax, registry
-from ..registry import DECLINED, LapRule
-from ..sparse import is_sparse
-from ..transform import jacobian_aval, lap_jaxpr, unpack_tangents
-from ..zeros import instantiate, is_zero
-from . import sparse_control_flow as scf
-from . import sparse_rules
+from .. import _jax, registry, sparse
+from ..layout import DENSE, ZERO, Mode, Tangents, stacked
+from ..registry import DECLINED, Fallback, LapRule
+from ..sparse import SparseContext, is_sparse
+from ..transform import lap_flat_layouts, lap_jaxpr
+from ..zeros import instantiate, is_zero, zero_laplacian
 from .loop_jaxprs import cond_ignoring_tangents, group_sizes, reorder_binders
 
+Result = tuple[list[Any], list[Any], list[Any]]
 
-def _nonzero(xs: Sequence[Any]) -> list[bool]:
-    return [not is_zero(x) for x in xs]
-
-
-def _nz_values(xs: Sequence[Any]) -> list[Any]:
-    return [x for x in xs if not is_zero(x)]
+# --- bodies --------------------------------------------------------------------------
 
 
-def _fill(outs: Sequence[Any], nz: Sequence[bool], values: Any, zero: Any) -> list[Any]:
-    it = iter(values)
-    return [next(it) if z else zero(o) for o, z in zip(outs, nz, strict=False)]
+def trace_body(
+    mode: Mode, closed: Any, inputs: Tangents, outputs: Tangents | None = None
+) -> tuple[Any, Tangents]:
+    """`closed` as the `ClosedJaxpr` `[P..., J..., L...] -> [P..., J..., L...]`.
+
+    Its inputs' tangents are `inputs`; its outputs' are `outputs`, or without them
+    what the body gives. Returns the jaxpr and its outputs' tangents.
+    """
+    if mode.sparse is None:
+        return _trace_dense(mode, closed, inputs, outputs)
+    return _trace_sparse(mode, closed, inputs, outputs)
 
 
-def _split_outputs(
-    trace: Any, primals_out: list[Any], rest: Sequence[Any], jac_nz, lap_nz
-):
-    return unpack_tangents(primals_out, rest, jac_nz, lap_nz, trace.n)
+def probe(mode: Mode, closed: Any, inputs: Tangents) -> Tangents:
+    """The tangents `closed` gives its outputs, reporting no densification."""
+    with contextlib.nullcontext() if mode.sparse is None else sparse.muted():
+        return trace_body(mode, closed, inputs)[1]
 
 
-# --- jit -----------------------------------------------------------------------------
+def _trace_dense(
+    mode: Mode, closed: Any, inputs: Tangents, outputs: Tangents | None
+) -> tuple[Any, Tangents]:
+    jaxpr, out_jac, out_lap = lap_jaxpr(
+        closed,
+        mode.rows,
+        inputs.jac_nonzero(),
+        inputs.laps,
+        False if outputs is None else outputs.jac_nonzero(),
+        False if outputs is None else outputs.laps,
+    )
+    return jaxpr, Tangents([DENSE if nz else ZERO for nz in out_jac], out_lap)
 
 
-def jit_rule(trace: Any, primals, jacobians, laplacians, **params):
+def _trace_sparse(
+    mode: Mode, closed: Any, inputs: Tangents, outputs: Tangents | None
+) -> tuple[Any, Tangents]:
+    in_avals = list(closed.in_avals)
+    starts = [jax.typeof(s) for s in mode.window_args()]
+    avals = [*starts, *in_avals, *passed_avals(mode, in_avals, inputs)]
+    found: list[Tangents] = []
+
+    def body(*all_args: Any) -> list[Any]:
+        inner, args = mode.inside(all_args)
+        primals, jacs, laps = unpack(inner, args, len(in_avals), inputs)
+        outs, jac_outs, lap_outs = lap_flat_layouts(
+            _jax.jaxpr_as_fun(closed), primals, jacs, laps, inner.ctx
+        )
+        found.append(Tangents.of(jac_outs, lap_outs))
+        want = found[0] if outputs is None else outputs
+        return [*outs, *tangent_args(inner, outs, jac_outs, lap_outs, want)]
+
+    dbg = closed.jaxpr.debug_info.with_unknown_names()
+    jaxpr, _, consts = _jax.trace_to_jaxpr_dynamic(
+        _jax.wrap_init(body, debug_info=dbg), avals
+    )
+    return _jax.ClosedJaxpr(jaxpr, consts), found[0] if outputs is None else outputs
+
+
+def fixpoint(
+    mode: Mode, body: Any, consts: Tangents, carry: Tangents, xs: Tangents
+) -> tuple[Tangents, Tangents] | None:
+    """The carries' tangents the body maps into themselves, and its other outputs'.
+
+    `consts` and `xs` are the fixed inputs around the carries. None if the layouts do
+    not settle (they should: each round only grows them, and they are bounded).
+    """
+    num = len(carry.jacs)
+    for _ in range(num * (mode.max_blocks + 2) + 2):
+        outs = probe(mode, body, Tangents.concat(consts, carry, xs))
+        out_carry, others = outs.split(num)
+        grown = mode.join_all(carry, out_carry)
+        if grown == carry:
+            return carry, others
+        carry = grown
+    return None
+
+
+def _report_dense_carries(
+    mode: Mode, primitive: Any, primals: Sequence[Any], start: Tangents, end: Tangents
+) -> None:
+    for i, (p, a, b) in enumerate(zip(primals, start.jacs, end.jacs, strict=True)):
+        if b is DENSE and a is not DENSE:
+            mode.report(
+                primitive,
+                f"loop carry {i} accumulates more than {mode.max_blocks} blocks per "
+                "element over the iterations",
+                jnp.shape(p),
+            )
+
+
+# --- in and out of a body ------------------------------------------------------------
+
+
+def tangent_args(
+    mode: Mode,
+    primals: Sequence[Any],
+    jacs: Sequence[Any],
+    laps: Sequence[Any],
+    tangents: Tangents,
+) -> list[Any]:
+    """The jacobians' data in their layouts (the non-zero ones), then the laplacians."""
+    data = [
+        mode.to_data(j, p, lo)
+        for j, p, lo in zip(jacs, primals, tangents.jacs, strict=True)
+        if lo is not ZERO
+    ]
+    return data + [
+        instantiate(mode.entering_laplacian(j, lp, lo))
+        for j, lp, lo, nz in zip(jacs, laps, tangents.jacs, tangents.laps, strict=True)
+        if nz
+    ]
+
+
+def passed_avals(mode: Mode, avals: Sequence[Any], tangents: Tangents) -> list[Any]:
+    """The avals of the tangents passed with values of `avals` (see `tangent_args`)."""
+    jacs = [
+        mode.data_aval(a, lo)
+        for a, lo in zip(avals, tangents.jacs, strict=True)
+        if lo is not ZERO
+    ]
+    return jacs + [
+        a.to_tangent_aval() for a, nz in zip(avals, tangents.laps, strict=True) if nz
+    ]
+
+
+def unpack(mode: Mode, values: Sequence[Any], num: int, tangents: Tangents) -> Result:
+    """`num` primals, then the data of their non-zero tangents, as three lists."""
+    primals = list(values[:num])
+    rest = iter(values[num:])
+    jacs = [
+        mode.from_data(None if lo is ZERO else next(rest), p, lo)
+        for p, lo in zip(primals, tangents.jacs, strict=True)
+    ]
+    laps = [
+        next(rest) if nz else zero_laplacian(p)
+        for p, nz in zip(primals, tangents.laps, strict=True)
+    ]
+    return primals, jacs, laps
+
+
+def results(mode: Mode, outs: Sequence[Any], num: int, tangents: Tangents) -> Result:
+    """A rule's results from the outputs of the primitive it binds (see `unpack`)."""
+    primals, jacs, laps = unpack(mode, outs, num, tangents)
+    laps = [
+        mode.leaving_laplacian(lp, lo)
+        for lp, lo in zip(laps, tangents.jacs, strict=True)
+    ]
+    return primals, jacs, laps
+
+
+def _split(xs: Sequence[Any], *sizes: int) -> list[list[Any]]:
+    """`xs` cut into consecutive groups of `sizes`, then the rest."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(list(xs[start : start + size]))
+        start += size
+    return [*groups, list(xs[start:])]
+
+
+# --- jit and remat (the dense mode only) --------------------------------------------
+
+
+def jit_rule(mode: Mode, primitive, primals, jacs, laps, params) -> Result:
     closed = params["jaxpr"]
-    jac_nz, lap_nz = _nonzero(jacobians), _nonzero(laplacians)
-    new_jaxpr, out_jac_nz, out_lap_nz = lap_jaxpr(closed, trace.n, jac_nz, lap_nz)
-    extra_in = sum(jac_nz) + sum(lap_nz)
-    extra_out = sum(out_jac_nz) + sum(out_lap_nz)
+    inputs = Tangents.of(jacs, laps)
+    new_jaxpr, outputs = trace_body(mode, closed, inputs)
+    tangents = tangent_args(mode, primals, jacs, laps, inputs)
+    extra_in, extra_out = len(tangents), outputs.num_passed()
     unspecified = _jax.UNSPECIFIED_SHARDING
     new_params = dict(
         params,
@@ -60,222 +221,184 @@ def jit_rule(trace: Any, primals, jacobians, laplacians, **params):
         out_layouts=(*params["out_layouts"], *(None,) * extra_out),
         donated_invars=(*params["donated_invars"], *(False,) * extra_in),
     )
-    outs = _jax.jit_p.bind(
-        *primals, *_nz_values(jacobians), *_nz_values(laplacians), **new_params
-    )
-    num_out = len(closed.out_avals)
-    primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(
-        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
-    )
-    return primals_out, jacs, laps
+    outs = _jax.jit_p.bind(*primals, *tangents, **new_params)
+    return results(mode, outs, len(closed.out_avals), outputs)
 
 
-# --- remat ---------------------------------------------------------------------------
-
-
-def remat_rule(trace: Any, primals, jacobians, laplacians, **params):
+def remat_rule(mode: Mode, primitive, primals, jacs, laps, params) -> Result:
     jaxpr = params["jaxpr"]
-    jac_nz, lap_nz = _nonzero(jacobians), _nonzero(laplacians)
-    new_closed, out_jac_nz, out_lap_nz = lap_jaxpr(
-        _jax.close_jaxpr(jaxpr), trace.n, jac_nz, lap_nz
-    )
-    new_jaxpr = _jax.convert_constvars_jaxpr(new_closed.jaxpr)
-    extra = sum(jac_nz) + sum(lap_nz)
+    inputs = Tangents.of(jacs, laps)
+    new_closed, outputs = trace_body(mode, _jax.close_jaxpr(jaxpr), inputs)
+    tangents = tangent_args(mode, primals, jacs, laps, inputs)
     prevent_cse = params["prevent_cse"]
     if isinstance(prevent_cse, tuple):
-        prevent_cse = (True,) * len(new_closed.consts) + prevent_cse + (True,) * extra
+        num_consts = len(new_closed.consts)
+        prevent_cse = (True,) * num_consts + prevent_cse + (True,) * len(tangents)
     outs = _jax.remat_p.bind(
         *new_closed.consts,
         *primals,
-        *_nz_values(jacobians),
-        *_nz_values(laplacians),
-        **dict(params, jaxpr=new_jaxpr, prevent_cse=prevent_cse),
+        *tangents,
+        **dict(
+            params,
+            jaxpr=_jax.convert_constvars_jaxpr(new_closed.jaxpr),
+            prevent_cse=prevent_cse,
+        ),
     )
-    num_out = len(jaxpr.outvars)
-    primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(
-        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
-    )
-    return primals_out, jacs, laps
+    return results(mode, outs, len(jaxpr.outvars), outputs)
 
 
 # --- cond ----------------------------------------------------------------------------
 
 
-def cond_rule(trace: Any, primals, jacobians, laplacians, **params):
+def cond_rule(mode: Mode, primitive, primals, jacs, laps, params) -> Result:
+    """Every branch returns the join of the layouts the branches give (the index, an
+    integer, has no tangents)."""
     branches = params["branches"]
-    index, *ops = primals
-    _, *op_jacs = jacobians
-    _, *op_laps = laplacians
-    jac_nz, lap_nz = _nonzero(op_jacs), _nonzero(op_laps)
-    # Union over branches of which outputs carry tangents, then instantiate to it.
-    probes = [lap_jaxpr(br, trace.n, jac_nz, lap_nz) for br in branches]
-    out_jac_nz = [any(z) for z in zip(*(p[1] for p in probes), strict=False)]
-    out_lap_nz = [any(z) for z in zip(*(p[2] for p in probes), strict=False)]
-    new_branches = tuple(
-        lap_jaxpr(br, trace.n, jac_nz, lap_nz, out_jac_nz, out_lap_nz)[0]
-        for br in branches
-    )
-    outs = _jax.cond_p.bind(
+    index, ops, op_jacs, op_laps = primals[0], primals[1:], jacs[1:], laps[1:]
+    inputs = Tangents.of(op_jacs, op_laps)
+    probes = [probe(mode, br, inputs) for br in branches]
+    outputs = functools.reduce(mode.join_all, probes)
+    _report_dense_union(mode, primitive, branches[0].out_avals, probes, outputs)
+    new_branches = tuple(trace_body(mode, br, inputs, outputs)[0] for br in branches)
+    args = [
         index,
+        *mode.window_args(),
         *ops,
-        *_nz_values(op_jacs),
-        *_nz_values(op_laps),
-        **dict(params, branches=new_branches),
-    )
-    num_out = len(branches[0].out_avals)
-    primals_out = list(outs[:num_out])
-    jacs, laps = _split_outputs(
-        trace, primals_out, outs[num_out:], out_jac_nz, out_lap_nz
-    )
-    return primals_out, jacs, laps
+        *tangent_args(mode, ops, op_jacs, op_laps, inputs),
+    ]
+    outs = _jax.cond_p.bind(*args, **dict(params, branches=new_branches))
+    return results(mode, outs, len(branches[0].out_avals), outputs)
+
+
+def _report_dense_union(
+    mode: Mode,
+    primitive: Any,
+    avals: Sequence[Any],
+    probes: Sequence[Tangents],
+    union: Tangents,
+) -> None:
+    for i, (aval, lo) in enumerate(zip(avals, union.jacs, strict=True)):
+        if lo is DENSE and all(p.jacs[i] is not DENSE for p in probes):
+            mode.report(
+                primitive,
+                f"output {i} of the branches together depends on more than "
+                f"{mode.max_blocks} blocks per element",
+                aval.shape,
+            )
 
 
 # --- loops ---------------------------------------------------------------------------
 
 
-def _fixpoint_carry(body: Any, n: int, const_nz, carry_nz, xs_nz, num_carry: int):
-    """Grow carry non-zero masks until the body's carry outputs match its inputs."""
-    jac_c, lap_c = list(carry_nz[0]), list(carry_nz[1])
-    for _ in range(len(jac_c) * 2 + 2):
-        jac_in = [*const_nz[0], *jac_c, *xs_nz[0]]
-        lap_in = [*const_nz[1], *lap_c, *xs_nz[1]]
-        _, out_jac, out_lap = lap_jaxpr(body, n, jac_in, lap_in)
-        new_jac = [a or b for a, b in zip(jac_c, out_jac[:num_carry], strict=False)]
-        new_lap = [a or b for a, b in zip(lap_c, out_lap[:num_carry], strict=False)]
-        if new_jac == jac_c and new_lap == lap_c:
-            break
-        jac_c, lap_c = new_jac, new_lap
-    return jac_c, lap_c
-
-
-def _instantiate_to(xs: Sequence[Any], nz: Sequence[bool]) -> list[Any]:
-    return [instantiate(x) for x, z in zip(xs, nz, strict=False) if z]
-
-
-def scan_rule(trace: Any, primals, jacobians, laplacians, **params):
-    n = trace.n
-    num_consts, num_carry = params["num_consts"], params["num_carry"]
-    body = params["jaxpr"]
-    split = lambda xs: (
-        xs[:num_consts],
-        xs[num_consts : num_consts + num_carry],
-        xs[num_consts + num_carry :],
+def scan_rule(mode: Mode, primitive, primals, jacs, laps, params) -> Any:
+    nc, nk = params["num_consts"], params["num_carry"]
+    body, length = params["jaxpr"], params["length"]
+    c_p, k_p, x_p = _split(primals, nc, nk)
+    c_j, k_j, x_j = _split(jacs, nc, nk)
+    c_l, k_l, x_l = _split(laps, nc, nk)
+    consts, start = Tangents.of(c_j, c_l), Tangents.of(k_j, k_l)
+    xs = Tangents(
+        [mode.scanned_layout(primitive, j, x) for j, x in zip(x_j, x_p, strict=True)],
+        [not is_zero(lp) for lp in x_l],
     )
-    c_p, k_p, x_p = split(list(primals))
-    c_j, k_j, x_j = split(list(jacobians))
-    c_l, k_l, x_l = split(list(laplacians))
-    const_nz = (_nonzero(c_j), _nonzero(c_l))
-    xs_nz = (_nonzero(x_j), _nonzero(x_l))
-    jac_c, lap_c = _fixpoint_carry(
-        body, n, const_nz, (_nonzero(k_j), _nonzero(k_l)), xs_nz, num_carry
+    found = fixpoint(mode, body, consts, start, xs)
+    if found is None:
+        return Fallback("rule", "the loop carries' block layouts did not settle")
+    carry, ys = found
+    _report_dense_carries(mode, primitive, k_p, start, carry)
+    new_body, _ = trace_body(
+        mode, body, Tangents.concat(consts, carry, xs), Tangents.concat(carry, ys)
     )
-    num_ys = len(body.out_avals) - num_carry
-    # Carry outputs are instantiated to the fixpoint; ys keep their own sparsity.
-    probe = lap_jaxpr(
-        body, n, [*const_nz[0], *jac_c, *xs_nz[0]], [*const_nz[1], *lap_c, *xs_nz[1]]
-    )
-    ys_jac_nz, ys_lap_nz = probe[1][num_carry:], probe[2][num_carry:]
-    new_body, _, _ = lap_jaxpr(
-        body,
-        n,
-        [*const_nz[0], *jac_c, *xs_nz[0]],
-        [*const_nz[1], *lap_c, *xs_nz[1]],
-        [*jac_c, *ys_jac_nz],
-        [*lap_c, *ys_lap_nz],
-    )
-    groups_in = [
-        (num_consts, const_nz[0], const_nz[1]),
-        (num_carry, jac_c, lap_c),
-        (len(x_p), xs_nz[0], xs_nz[1]),
-    ]
-    groups_out = [(num_carry, jac_c, lap_c), (num_ys, ys_jac_nz, ys_lap_nz)]
     new_body = reorder_binders(
-        new_body, group_sizes(groups_in), group_sizes(groups_out)
+        new_body,
+        group_sizes([*_window_groups(mode), consts.group(), carry.group(), xs.group()]),
+        group_sizes([carry.group(), ys.group()]),
     )
-    # Scanned jacobians are (n, length, ...); scan needs the length axis first.
-    xs_jacs = [jnp.moveaxis(j, 0, 1) for j in _nz_values(x_j)]
+    xs_data = [
+        jnp.moveaxis(mode.to_data(j, x, stacked(lo, length)), 0, 1)  # scan axis first
+        for j, x, lo in zip(x_j, x_p, xs.jacs, strict=True)
+        if lo is not ZERO
+    ]
+    xs_laps = [
+        instantiate(mode.entering_laplacian(j, lp, lo))
+        for j, lp, lo, nz in zip(x_j, x_l, xs.jacs, xs.laps, strict=True)
+        if nz
+    ]
+    window = mode.window_args()
     args = [
-        *c_p, *_nz_values(c_j), *_nz_values(c_l),
-        *k_p, *_instantiate_to(k_j, jac_c), *_instantiate_to(k_l, lap_c),
-        *x_p, *xs_jacs, *_nz_values(x_l),
+        *window,
+        *c_p, *tangent_args(mode, c_p, c_j, c_l, consts),
+        *k_p, *tangent_args(mode, k_p, k_j, k_l, carry),
+        *x_p, *xs_data, *xs_laps,
     ]  # fmt: skip
     new_params = dict(
         params,
         jaxpr=new_body,
-        num_consts=num_consts + sum(const_nz[0]) + sum(const_nz[1]),
-        num_carry=num_carry + sum(jac_c) + sum(lap_c),
+        num_consts=len(window) + nc + consts.num_passed(),
+        num_carry=nk + carry.num_passed(),
     )
     if "linear" in params:  # JAX < 0.10
         new_params["linear"] = (False,) * len(args)
     outs = _jax.scan_p.bind(*args, **new_params)
-    nk = num_carry + sum(jac_c) + sum(lap_c)
-    carry_outs, ys_outs = outs[:nk], outs[nk:]
-    k_out = list(carry_outs[:num_carry])
-    k_jac, k_lap = _split_outputs(trace, k_out, carry_outs[num_carry:], jac_c, lap_c)
-    y_out = list(ys_outs[:num_ys])
-    rest = list(ys_outs[num_ys:])
-    nyj = sum(ys_jac_nz)
-    rest = [jnp.moveaxis(j, 1, 0) for j in rest[:nyj]] + rest[nyj:]
-    y_jac, y_lap = _split_outputs(trace, y_out, rest, ys_jac_nz, ys_lap_nz)
+    carry_end = new_params["num_carry"]
+    k_out, k_jac, k_lap = results(mode, outs[:carry_end], nk, carry)
+    y_out, y_jac, y_lap = _unpack_stacked(mode, outs[carry_end:], ys, length)
     return k_out + y_out, k_jac + y_jac, k_lap + y_lap
 
 
-def while_rule(trace: Any, primals, jacobians, laplacians, **params):
-    n = trace.n
-    cond_nconsts, body_nconsts = params["cond_nconsts"], params["body_nconsts"]
-    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-    cc_p = list(primals[:cond_nconsts])
-    bc_p = list(primals[cond_nconsts : cond_nconsts + body_nconsts])
-    bc_j = list(jacobians[cond_nconsts : cond_nconsts + body_nconsts])
-    bc_l = list(laplacians[cond_nconsts : cond_nconsts + body_nconsts])
-    k_p = list(primals[cond_nconsts + body_nconsts :])
-    k_j = list(jacobians[cond_nconsts + body_nconsts :])
-    k_l = list(laplacians[cond_nconsts + body_nconsts :])
-    num_carry = len(k_p)
-    const_nz = (_nonzero(bc_j), _nonzero(bc_l))
-    jac_c, lap_c = _fixpoint_carry(
-        body_jaxpr,
-        n,
-        const_nz,
-        (_nonzero(k_j), _nonzero(k_l)),
-        ([], []),
-        num_carry,
-    )
-    new_body, _, _ = lap_jaxpr(
-        body_jaxpr, n, [*const_nz[0], *jac_c], [*const_nz[1], *lap_c], jac_c, lap_c
-    )
-    groups_in = [(body_nconsts, const_nz[0], const_nz[1]), (num_carry, jac_c, lap_c)]
-    groups_out = [(num_carry, jac_c, lap_c)]
+def _unpack_stacked(
+    mode: Mode, outs: Sequence[Any], ys: Tangents, length: int
+) -> Result:
+    """`unpack` for a scan's stacked outputs, whose jacobian data has the scan axis
+    first."""
+    num, num_data = len(ys.jacs), sum(ys.jac_nonzero())
+    data = [jnp.moveaxis(d, 0, 1) for d in outs[num : num + num_data]]
+    outs = [*outs[:num], *data, *outs[num + num_data :]]
+    stacked_ys = Tangents([stacked(lo, length) for lo in ys.jacs], ys.laps)
+    return results(mode, outs, num, stacked_ys)
+
+
+def while_rule(mode: Mode, primitive, primals, jacs, laps, params) -> Any:
+    """The condition sees primals only, so its constants' tangents are dropped."""
+    ncc, nbc = params["cond_nconsts"], params["body_nconsts"]
+    cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+    cc_p, bc_p, k_p = _split(primals, ncc, nbc)
+    _, bc_j, k_j = _split(jacs, ncc, nbc)
+    _, bc_l, k_l = _split(laps, ncc, nbc)
+    consts, start = Tangents.of(bc_j, bc_l), Tangents.of(k_j, k_l)
+    found = fixpoint(mode, body, consts, start, Tangents([], []))
+    if found is None:
+        return Fallback("rule", "the loop carries' block layouts did not settle")
+    carry, _ = found
+    _report_dense_carries(mode, primitive, k_p, start, carry)
+    new_body, _ = trace_body(mode, body, Tangents.concat(consts, carry), carry)
     new_body = reorder_binders(
-        new_body, group_sizes(groups_in), group_sizes(groups_out)
+        new_body,
+        group_sizes([*_window_groups(mode), consts.group(), carry.group()]),
+        group_sizes([carry.group()]),
     )
-    carry_avals = [jax.typeof(c) for c in k_p]
-    tangent_avals = [
-        *[jacobian_aval(a, n) for a, z in zip(carry_avals, jac_c, strict=True) if z],
-        *[a.to_tangent_aval() for a, z in zip(carry_avals, lap_c, strict=True) if z],
-    ]
-    new_cond = cond_ignoring_tangents(
-        cond_jaxpr, cond_nconsts + num_carry, tangent_avals
-    )
+    tangent_avals = passed_avals(mode, [jax.typeof(p) for p in k_p], carry)
+    new_cond = cond_ignoring_tangents(cond, ncc + len(k_p), tangent_avals)
+    window = mode.window_args()
     args = [
         *cc_p,
-        *bc_p, *_nz_values(bc_j), *_nz_values(bc_l),
-        *k_p, *_instantiate_to(k_j, jac_c), *_instantiate_to(k_l, lap_c),
+        *window,
+        *bc_p, *tangent_args(mode, bc_p, bc_j, bc_l, consts),
+        *k_p, *tangent_args(mode, k_p, k_j, k_l, carry),
     ]  # fmt: skip
-    outs = _jax.while_p.bind(
-        *args,
-        **dict(
-            params,
-            cond_jaxpr=new_cond,
-            body_jaxpr=new_body,
-            body_nconsts=body_nconsts + sum(const_nz[0]) + sum(const_nz[1]),
-        ),
+    new_params = dict(
+        params,
+        cond_jaxpr=new_cond,
+        body_jaxpr=new_body,
+        body_nconsts=len(window) + nbc + consts.num_passed(),
     )
-    k_out = list(outs[:num_carry])
-    k_jac, k_lap = _split_outputs(trace, k_out, outs[num_carry:], jac_c, lap_c)
-    return k_out, k_jac, k_lap
+    outs = _jax.while_p.bind(*args, **new_params)
+    return results(mode, outs, len(k_p), carry)
+
+
+def _window_groups(mode: Mode) -> list[tuple[int, list[bool], list[bool]]]:
+    """The binder group of `mode.window_args()`: primals without tangents."""
+    return [(1, [False], [False]) for _ in mode.window_args()]
 
 
 def while_with_scalar_predicate(args: Sequence[Any], params: Any) -> list[Any]:
@@ -361,25 +484,43 @@ def _scalar_predicate(trace, tracers, primals, jacobians, laplacians, params) ->
         return while_with_scalar_predicate(tracers, params)
 
 
+# --- the table -----------------------------------------------------------------------
+
+ModeRule = Callable[..., Any]
+"""`(mode, primitive, primals, jacobians, laplacians, params)`, in either mode."""
+
+
+def _control_flow(
+    primitive: Any, rule: ModeRule, rewrite: Any, both_modes: bool = True
+) -> LapRule:
+    """`rule` as the dense rule and, with `both_modes`, as the sparse one."""
+
+    def dense(trace: Any, primals, jacobians, laplacians, **params: Any) -> Any:
+        mode = Mode(trace.n)
+        return rule(mode, primitive, primals, jacobians, laplacians, params)
+
+    def block_sparse(ctx: SparseContext, primals, jacobians, laplacians, **params):
+        mode = Mode.block_sparse(ctx)
+        return rule(mode, primitive, primals, jacobians, laplacians, params)
+
+    sparse_rule = block_sparse if both_modes else None
+    return LapRule(dense, sparse_rule, kind="control_flow", rewrite=rewrite)
+
+
 def _register() -> None:
-    bind = sparse_rules.bind
-
-    def control_flow(dense, sparse=None, rewrite=None) -> LapRule:
-        return LapRule(dense, sparse, kind="control_flow", rewrite=rewrite)
-
-    registry.register(_jax.jit_p, control_flow(jit_rule, rewrite=_inline_jit))
-    registry.register(_jax.remat_p, control_flow(remat_rule, rewrite=_inline_remat))
-    cond = control_flow(
-        cond_rule, bind(scf.cond_rule, _jax.cond_p), _inline_known_branch
-    )
-    registry.register(_jax.cond_p, cond)
-    registry.register(
-        _jax.scan_p, control_flow(scan_rule, bind(scf.scan_rule, _jax.scan_p))
-    )
-    while_ = control_flow(
-        while_rule, bind(scf.while_rule, _jax.while_p), _scalar_predicate
-    )
-    registry.register(_jax.while_p, while_)
+    # jit and remat have no sparse rule: with a block-sparse jacobian their rewrites
+    # inline the body, whose values then need no layouts.
+    table = [
+        (_jax.jit_p, jit_rule, _inline_jit, False),
+        (_jax.remat_p, remat_rule, _inline_remat, False),
+        (_jax.cond_p, cond_rule, _inline_known_branch, True),
+        (_jax.scan_p, scan_rule, None, True),
+        (_jax.while_p, while_rule, _scalar_predicate, True),
+    ]
+    for primitive, rule, rewrite, both_modes in table:
+        registry.register(
+            primitive, _control_flow(primitive, rule, rewrite, both_modes)
+        )
 
 
 _register()

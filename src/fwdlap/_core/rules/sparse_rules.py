@@ -16,7 +16,7 @@ elements that one output element depends on, direction by direction.
 - dot_general: the union along the contracting dimensions, and for two
   tangent-carrying operands the cross term as one product over slot pairs, masked to
   the pairs that name the same block;
-- slogdet and det live in `linalg.py`, scan, while and cond in `sparse_control_flow.py`.
+- slogdet and det live in `linalg.py`, scan, while and cond in `control_flow.py`.
 
 A rule returns a `Fallback` when it cannot stay sparse; the caller then makes the
 operands dense (reporting why) and runs the dense rule.
