@@ -1,4 +1,4 @@
-"""Jaxpr plumbing shared by the loop and cond rules of both modes."""
+"""Jaxpr plumbing for the control-flow rules: binder order, the loop condition."""
 
 from collections.abc import Sequence
 from typing import Any
