@@ -16,8 +16,10 @@ biharmonic of each of `batch` points (`jax.vmap`), compiled with `jax.jit`. Meth
   the 4th derivative along one direction, summed with the same weights.
 
 Exact methods are checked against each other before timing. Methods are timed
-interleaved (one call of each per round; the median of the rounds), and XLA's
-temporary memory is `compiled.memory_analysis().temp_size_in_bytes`. The nested
+interleaved (one call of each per round; the median of the rounds), XLA's
+temporary memory is `compiled.memory_analysis().temp_size_in_bytes` and its flop
+count `compiled.cost_analysis()["flops"]` (compared with the nested method that
+does the fewest: the arithmetic a method's time cannot go below). The nested
 methods are skipped at D = 50, where only the stochastic estimate is timed.
 """
 
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import jet  # noqa: E402
 
 import fwdlap  # noqa: E402
+from benchmarks.cell import xla_flops  # noqa: E402
 from fwdlap._core.taylor4.moments import exact_design  # noqa: E402
 
 
@@ -116,8 +119,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             compile_s = time.perf_counter() - start
             mem = compiled[name].memory_analysis()
             temp = getattr(mem, "temp_size_in_bytes", float("nan"))
+            flops = xla_flops(compiled[name])
             rows.append(
-                dict(dim=dim, method=name, compile_s=compile_s, temp_bytes=temp)
+                dict(
+                    dim=dim,
+                    method=name,
+                    compile_s=compile_s,
+                    temp_bytes=temp,
+                    gflop=float("nan") if flops is None else flops / 1e9,
+                )
             )
         exact = [k for k in values if k != "biharmonic_probes"]
         for name in exact[1:]:
@@ -144,17 +154,21 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{'float64' if args.float64 else 'float32'}; {args.probes} probes; "
         f"median of {args.repeats} interleaved rounds; backend {jax.default_backend()}",
         "",
-        "| D | method | time (ms) | vs best nested | XLA temp (MiB) | compile (s) |",
-        "|---|---|---|---|---|---|",
+        "| D | method | time (ms) | vs best nested | GFLOP | vs fewest nested "
+        "| XLA temp (MiB) | compile (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     nested = ("lap_of_lap", "hessian_of_hessian", "jet")
     for dim in sorted({r["dim"] for r in rows}):
         group = [r for r in rows if r["dim"] == dim]
         best = min((r["ms"] for r in group if r["method"] in nested), default=None)
+        fewest = min((r["gflop"] for r in group if r["method"] in nested), default=None)
         for r in group:
             ratio = f"{r['ms'] / best:.2f}x" if best else "-"
+            flop_ratio = f"{r['gflop'] / fewest:.2f}x" if fewest else "-"
             lines.append(
                 f"| {dim} | {r['method']} | {r['ms']:.2f} | {ratio} | "
+                f"{r['gflop']:.3f} | {flop_ratio} | "
                 f"{r['temp_bytes'] / 2**20:.2f} | {r['compile_s']:.1f} |"
             )
     return "\n".join(lines)

@@ -7,7 +7,7 @@ factorisation (which also gives the primal), and use, for jacobians `J_k` and
 laplacian `L` of `A`,
 
     B_k = A^{-1} J_k                      (one batched matmul: n m^3 flops)
-    d log|det A|[J_k] = tr(B_k)
+    d log|det A|[J_k] = tr(B_k) = sum(A^{-T} * J_k)
     lap log|det A|    = tr(A^{-1} L) - sum_k tr(B_k B_k)
                       = tr(A^{-1} L) - sum_k sum(B_k * B_k^T)
 
@@ -62,9 +62,14 @@ def _logdet_tangents(
     jac_out: Any = zero_jacobian(out, n)
     lap_out: Any = zero_laplacian(out)
     if not is_zero(jacobian):
-        b = jnp.einsum("...ij,k...jl->k...il", inverse, jacobian)
-        jac_out = jnp.trace(b, axis1=-2, axis2=-1)
-        lap_out = -jnp.sum(b * jnp.swapaxes(b, -1, -2), axis=(0, -2, -1))
+        # tr(A^{-1} J_k) as one multiply-and-sum, without B's diagonal (a select of
+        # every B_k). B is kept as `(..., i, k, l)`, the product's own layout, and
+        # its transpose is read inside the fused sum rather than copied.
+        jac_out = jnp.sum(
+            jnp.swapaxes(inverse, -1, -2) * jacobian, axis=(-2, -1)
+        ).astype(out.dtype)
+        b = jnp.einsum("...ij,k...jl->...ikl", inverse, jacobian)
+        lap_out = -jnp.sum(b * jnp.swapaxes(b, -3, -1), axis=(-3, -2, -1))
     if not is_zero(laplacian):
         lap_out = add(lap_out, jnp.einsum("...ij,...ji->...", inverse, laplacian))
     return jac_out, lap_out
