@@ -15,7 +15,7 @@ import jax
 
 from . import _jax, dot_split, registry
 from .registry import Fallback, LapRule
-from .rules.custom import lap_custom_jvp_call
+from .rules.custom import call_source, call_target, lap_custom_jvp_call
 from .rules.generic import generic_lap_rule
 from .rules.sparse_rules import apply_rule
 from .sparse import SparseContext, is_sparse
@@ -153,10 +153,10 @@ class LapTrace(_jax.Trace):
 
 def _custom_vjp_name(fun: Any) -> str:
     """`function 'name'` for a custom_vjp call, also when `jax.jit` staged it."""
-    src = _jax.custom_jvp_call_src_info(fun)  # "name at file:line"; jit keeps it
+    src = call_source(fun)  # "name at file:line"; jit keeps it
     if src:
         return f"function {src.split(' at ')[0]!r}"
-    target, _ = _jax.custom_jvp_call_target(fun)
+    target, _ = call_target(fun)
     if target is not None:
         return f"function {getattr(target, '__name__', '?')!r}"
     return "function (staged by jax.jit, which did not keep its name)"
