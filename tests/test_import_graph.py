@@ -126,5 +126,39 @@ def test_imports_are_at_the_top(name: str) -> None:
     assert not deferred, f"{name}: imports inside functions at lines {deferred}"
 
 
+SHIM = "fwdlap._core._jax"
+
+
+def _api_shim_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(m for m in graph if m.startswith("fwdlap.api") and SHIM in graph[m])
+
+
+def test_the_api_never_imports_jax_internals() -> None:
+    # JAX internals stay behind the core's shim; the api layer validates arguments
+    # and calls the core (`_core.evaluate` for every evaluation strategy).
+    graph = import_graph()
+    assert any(m.startswith("fwdlap.api") for m in graph)  # sanity
+    assert not _api_shim_imports(graph)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from .._core import _jax",
+        "from .._core._jax import Tracer",
+        "import fwdlap._core._jax",
+        "def f():\n    from fwdlap._core import _jax",
+    ],
+)
+def test_the_checker_finds_a_shim_import(source: str) -> None:
+    node = [
+        n
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    found = {t for n in node for t in _targets("fwdlap.api._lap", n)}
+    assert _api_shim_imports({"fwdlap.api._lap": found}) == ["fwdlap.api._lap"]
+
+
 def test_the_checker_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]

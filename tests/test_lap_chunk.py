@@ -14,8 +14,7 @@ import pytest
 from jax import lax
 
 import fwdlap
-from fwdlap._core import LapTracer
-from fwdlap.api import _chunking
+from fwdlap._core import LapTracer, evaluate
 from helpers import identity_jacobian, reference_triple, tree_allclose, window_count
 
 N = 37  # a prime: no block size divides it
@@ -167,19 +166,42 @@ def test_transforms_default_to_auto(transform: Any) -> None:
 
 def test_auto_is_one_pass_on_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
     x = jnp.linspace(-1.0, 1.0, 48)
-    block = _chunking.resolve_chunk_size("auto", _wide, (x,), 48)
+    block = evaluate.chunk_size_for("auto", _wide, (x,), 48)
     assert block is not None and block < 48
-    monkeypatch.setattr(_chunking.jax, "default_backend", lambda: "gpu")
-    assert _chunking.resolve_chunk_size("auto", _wide, (x,), 48) is None
+    monkeypatch.setattr(evaluate, "targets_cpu", lambda: False)
+    assert evaluate.chunk_size_for("auto", _wide, (x,), 48) is None
+
+
+def test_auto_follows_the_default_device() -> None:
+    # "auto" is tuned for where a jitted call runs: the default device when one is
+    # set (`jax.default_device`), not only the default backend.
+    x = jnp.linspace(-1.0, 1.0, 48)
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert evaluate.chunk_size_for("auto", _wide, (x,), 48) is not None
+    with jax.default_device("gpu"):  # only read, never used to place anything
+        assert evaluate.chunk_size_for("auto", _wide, (x,), 48) is None
+        assert evaluate.auto_window_rows(40 * 2**20, 96, 3) is None
+
+
+def test_chunked_transforms_with_integer_outputs() -> None:
+    # An integer output has float0 tangents; chunks leave them out of the loop.
+    def fun(x: jax.Array) -> Any:
+        return _arrays(x), jnp.arange(3)
+
+    x = jnp.asarray(X)
+    got = fwdlap.laplacian(fun, chunk_size=5)(x)
+    want = fwdlap.laplacian(fun, chunk_size=None)(x)
+    assert tree_allclose(got[0], want[0])
+    assert got[1].dtype == jax.dtypes.float0 and got[1].shape == (3,)
 
 
 @pytest.mark.parametrize(
     ("n", "block"), [(32, 16), (37, 13), (48, 16), (50, 13), (96, 16), (100, 15)]
 )
 def test_auto_blocks_are_balanced(n: int, block: int) -> None:
-    assert _chunking.balanced_block(n) == block
+    assert evaluate.balanced_chunk(n) == block
     blocks = -(-n // block)
-    assert blocks == -(-n // _chunking.AUTO_BLOCK)  # no more blocks than needed
+    assert blocks == -(-n // evaluate.AUTO_CHUNK)  # no more blocks than needed
     assert blocks * block - n < blocks  # padding under one row per block
 
 
@@ -200,11 +222,11 @@ def test_auto_blocks_carry_about_nine_mib(
     n: int, mib_per_direction: float, block: int
 ) -> None:
     nbytes = int(n * mib_per_direction * MIB)
-    assert _chunking.auto_block(n, nbytes) == block
-    low, high = _chunking.AUTO_BLOCK_RANGE
+    assert evaluate.auto_chunk(n, nbytes) == block
+    low, high = evaluate.AUTO_CHUNK_RANGE
     assert low <= block <= high
     if low < block < high:  # within a block's worth of the byte target
-        assert abs(block * mib_per_direction * MIB - _chunking.AUTO_BLOCK_BYTES) < (
+        assert abs(block * mib_per_direction * MIB - evaluate.AUTO_CHUNK_BYTES) < (
             block * mib_per_direction * MIB
         )
 
@@ -218,7 +240,7 @@ def test_auto_probe_failure_means_one_pass() -> None:
         return jnp.sum(jnp.tanh(x[:, None] * WIDE[None, :]))
 
     x = jnp.linspace(-1.0, 1.0, 48)
-    assert _chunking.jacobian_bytes(picky, (x,), 48) == 0
+    assert evaluate.jacobian_bytes(picky, (x,), 48) == 0
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5, "big"])
@@ -347,7 +369,7 @@ def test_sparse_auto_probe_reports_nothing_itself() -> None:
     ],
 )
 def test_sparse_auto_rows(dense: int, dim: int, loops: bool, rows: Any) -> None:
-    assert _chunking.sparse_auto_rows(dense, dim, 3, loops) == rows
+    assert evaluate.auto_window_rows(dense, dim, 3, loops) == rows
 
 
 def test_lap_filter_uses_auto_blocks() -> None:
@@ -388,4 +410,4 @@ def test_loops_carrying_dense_jacobians_are_found() -> None:
     rows = jnp.ones((12, 5))
     for fun, found in [(carries_rows, True), (nested, True), (carries_other, False)]:
         jaxpr = jax.make_jaxpr(fun)(rows).jaxpr
-        assert _chunking._loops_carry_dense(jaxpr, 12) is found
+        assert evaluate.loops_carry_dense(jaxpr, 12) is found

@@ -1,5 +1,20 @@
-"""The flat-argument forward-Laplacian core. It knows nothing of pytrees."""
+"""The flat-argument forward-Laplacian core. It knows nothing of pytrees.
 
+Glossary:
+
+- *direction*: one tangent vector pushed through a pass; a jacobian has a leading
+  axis of `n` directions.
+- *row*: a direction as the transforms build it, one row of a seed matrix (a unit
+  vector, a weighted one, a probe); `evaluate.RowGroup` makes them a chunk at a time.
+- *chunk*: a group of directions evaluated together, in one step of a `lax.scan`
+  over the linearised pass (`evaluate.lap_flat_chunked`, `chunk_size`).
+- *particle block*: the directions of one particle (its 3 coordinates, say), the unit
+  of the block-sparse mode (`Sparsity(block_size=3)`, `sparse.SparseJac`).
+- *window*: the particle blocks whose directions the dense jacobians of a sparse pass
+  hold at a time (`evaluate.lap_flat_windowed`, `sparse.Window`).
+"""
+
+from . import evaluate as evaluate
 from . import rules as rules
 from .registry import register as register
 

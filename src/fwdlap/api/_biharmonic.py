@@ -7,13 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from .._core import evaluate
 from .._core.taylor4 import Context, taylor4_flat
 from .._core.taylor4.moments import exact_design
 from .._core.zeros import is_zero
-from . import _chunking
-from ._checks import check_has_aux, check_outputs
+from ._checks import check_chunk_size, check_has_aux, check_outputs
 from ._lap import dense_zero
 from ._transforms import (
     _Argument,  # pyright: ignore[reportPrivateUsage]
@@ -76,32 +75,32 @@ def _evaluate(
     return result, aux
 
 
-def _evaluate_blocks(
+def _evaluate_chunks(
     f_x: Callable[[Any], Any],
     arg: _Argument,
     rows: Any,
     signs: np.ndarray,
-    block: int,
+    size: int,
     has_aux: bool,
 ) -> tuple[Any, Any]:
-    """The pass in blocks of `block` directions, in a `lax.scan` per sign."""
+    """The pass in chunks of `size` directions, in a `lax.scan` per sign."""
     total: list[Any] | None = None
     for sign in (1.0, -1.0):
         sel = np.flatnonzero(signs == sign)
         if sel.size == 0:
             continue
         group = rows[sel]
-        num_blocks = -(-int(sel.size) // block)
-        pad = num_blocks * block - int(sel.size)
+        num_chunks = -(-int(sel.size) // size)
+        pad = num_chunks * size - int(sel.size)
         if pad:
             group = jnp.concatenate([group, jnp.zeros((pad, arg.dim), group.dtype)])
-        blocks = group.reshape(num_blocks, block, arg.dim)
+        chunks = group.reshape(num_chunks, size, arg.dim)
 
-        def body(carry: None, rows_b: Any) -> tuple[None, Any]:
-            value, _ = _evaluate(f_x, arg, rows_b, None, has_aux)
-            return carry, _float_leaves(value)
+        def one_chunk(chunk_rows: Any) -> Any:
+            value, _ = _evaluate(f_x, arg, chunk_rows, None, has_aux)
+            return _float_leaves(value)
 
-        _, stacked = lax.scan(body, None, blocks)
+        stacked = evaluate.stacked_map(one_chunk, chunks)
         part = [_signed_sum(x, sign) for x in stacked]
         total = (
             part if total is None else [a + b for a, b in zip(total, part, strict=True)]
@@ -136,7 +135,7 @@ def biharmonic(
     *,
     probes: int | None = None,
     key: Any = None,
-    chunk_size: _chunking.ChunkSize = "auto",
+    chunk_size: evaluate.ChunkSize = "auto",
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The biharmonic $\Delta^2 f$ of `fun`, in one forward pass, as a function.
@@ -225,7 +224,7 @@ def biharmonic(
     ```
     """
     nums, is_tuple = _normalize_argnums(_BIHARMONIC, argnums)
-    chunk = _chunking.check_chunk_size(_BIHARMONIC, chunk_size)
+    chunk = check_chunk_size(_BIHARMONIC, chunk_size)
     has_aux = check_has_aux(_BIHARMONIC, has_aux)
     num_probes = _check_probes(_BIHARMONIC, probes, key)
     probe_key: Any = key
@@ -245,14 +244,14 @@ def biharmonic(
             s = np.ones(num_probes)
         n = int(rows.shape[0])
         moment_rows = None if num_probes is not None else _moment_rows(arg.dim)
-        block = _block_size(chunk, f_x, arg, n, has_aux, moment_rows)
-        if block is None and moment_rows is not None:
+        per_chunk = _chunk_size(chunk, f_x, arg, n, has_aux, moment_rows)
+        if per_chunk is None and moment_rows is not None:
             eye = jnp.eye(arg.dim, dtype=arg.dtype)
             value, aux = _evaluate(f_x, arg, eye, None, has_aux, moments=True)
-        elif block is None:
+        elif per_chunk is None:
             value, aux = _evaluate(f_x, arg, rows, None, has_aux)
         else:
-            value, aux = _evaluate_blocks(f_x, arg, rows, s, block, has_aux)
+            value, aux = _evaluate_chunks(f_x, arg, rows, s, per_chunk, has_aux)
         return (value, aux) if has_aux else value
 
     return biharmonic_fun
@@ -263,22 +262,22 @@ def _moment_rows(dim: int) -> int:
     return dim * (dim + 1) // 2 + 2 * dim + 1
 
 
-def _block_size(
-    chunk: _chunking.ChunkSize,
+def _chunk_size(
+    chunk: evaluate.ChunkSize,
     f_x: Callable[[Any], Any],
     arg: _Argument,
     n: int,
     has_aux: bool,
     moment_rows: int | None,
 ) -> int | None:
-    """Directions per block, or None for one pass.
+    """Directions per chunk, or None for one pass (the core's `"auto"` policy).
 
     A pass in the direction layout carries 3 rows per direction; the exact mode's
     single pass (the moments layout) carries `moment_rows`.
     """
     if chunk is None:
         return None
-    if chunk != _chunking.AUTO:
+    if chunk != evaluate.AUTO:
         return None if chunk >= n else int(chunk)
 
     def value_only(x: Any) -> Any:
@@ -286,12 +285,11 @@ def _block_size(
         return result[0] if has_aux else result
 
     if moment_rows is not None and (
-        _chunking.resolve_chunk_size(chunk, value_only, (arg.tree,), moment_rows)
-        is None
+        evaluate.chunk_size_for(chunk, value_only, (arg.tree,), moment_rows) is None
     ):
         return None
-    rows = _chunking.resolve_chunk_size(chunk, value_only, (arg.tree,), 3 * n)
+    rows = evaluate.chunk_size_for(chunk, value_only, (arg.tree,), 3 * n)
     if rows is None:
         return None
-    block = max(1, rows // 3)
-    return None if block >= n else block
+    per_chunk = max(1, rows // 3)
+    return None if per_chunk >= n else per_chunk

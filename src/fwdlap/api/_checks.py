@@ -20,8 +20,9 @@ The checks come in two layers:
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, TypeAlias, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,12 @@ from jaxtyping import (
     jaxtyped,  # pyright: ignore[reportUnknownVariableType]
 )
 
+from .._core.evaluate import AUTO, ChunkSize
 from .._core.zeros import Zero, zero_jacobian, zero_laplacian
+
+ChunkSizeArg = SupportsIndex | Literal["auto"] | None
+"""`chunk_size` as the public functions accept it: any integer type (anything
+`operator.index` accepts, such as `np.int64`), "auto" or None."""
 
 # --- public annotation aliases --------------------------------------------------------
 #
@@ -794,3 +800,40 @@ def _partial_tangent(
     if dense_zero or not leaf.differentiable:
         return jnp.zeros(shape, leaf.tangent_dtype)
     return jnp.asarray(tangent, dtype=leaf.tangent_dtype)
+
+
+# --- chunk_size ----------------------------------------------------------------------
+
+
+def as_positive_int(value: Any) -> int | None:
+    """`value` as a Python int if it is a positive integer, else None.
+
+    Anything `operator.index` accepts counts (`np.int64(2)`, a concrete JAX integer
+    scalar), except booleans.
+    """
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:  # also JAX's error for a traced integer
+        return None
+    return number if number >= 1 else None
+
+
+def check_chunk_size(api: str, chunk_size: Any) -> ChunkSize:
+    """`chunk_size` after checking it is a positive integer, "auto" or None.
+
+    An integer of another type (a NumPy or concrete JAX integer scalar) comes back as a
+    Python int.
+    """
+    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == AUTO):
+        return chunk_size
+    number = as_positive_int(chunk_size)
+    if number is None:
+        raise ValueError(
+            f'{api}: `chunk_size` must be a positive int, "auto" or None, got '
+            f"{chunk_size!r}. Any integer type works (a Python int, np.int64, a "
+            "concrete JAX integer scalar), but not a traced value: the chunk size "
+            "fixes the shapes of the compiled program."
+        )
+    return number

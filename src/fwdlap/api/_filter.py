@@ -5,8 +5,9 @@ from typing import Any
 
 import jax
 
+from .._core import evaluate
 from .._core.zeros import Zero
-from . import _checks, _chunking
+from . import _checks
 from ._checks import FilteredPrimals, Jacobians, Laplacians, OutTree
 
 _LAP_FILTER = "fwdlap.lap_filter"
@@ -112,8 +113,8 @@ def lap_filter(
         store.is_array = [_checks.is_array(leaf) for leaf in store.leaves]
         return [leaf for leaf, a in zip(store.leaves, store.is_array, strict=True) if a]
 
-    outs, jacs, laps = _chunking.lap_flat_blocked(
-        flat_fun, *checked.dynamic_leaves(), checked.n, _chunking.AUTO
+    outs, jacs, laps = evaluate.lap_evaluate(
+        flat_fun, *checked.dynamic_leaves(), checked.n, evaluate.AUTO
     )
 
     out_leaves: list[Any] = []

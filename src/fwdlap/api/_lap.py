@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from .._core import lap_partial_flat
+from .._core import evaluate
 from .._core.zeros import Zero
-from . import _checks, _chunking, _sparsity
+from . import _checks, _sparsity
 from ._checks import Jacobians, Laplacians, OutTree, Primals
 
 _LAP = "fwdlap.lap"
@@ -83,7 +83,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: _checks.ChunkSizeArg = "auto",
     has_aux: Literal[False] = False,
 ) -> tuple[OutTree, OutTree, OutTree]: ...
 
@@ -96,7 +96,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: _checks.ChunkSizeArg = "auto",
     has_aux: Literal[True],
 ) -> tuple[OutTree, OutTree, OutTree, Any]: ...
 
@@ -109,7 +109,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: _checks.ChunkSizeArg = "auto",
     has_aux: bool,
 ) -> tuple[Any, ...]: ...
 
@@ -122,7 +122,7 @@ def lap(
     laplacians: Laplacians,
     *,
     sparsity: "_sparsity.Sparsity | int | bool | None" = None,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: _checks.ChunkSizeArg = "auto",
     has_aux: bool = False,
 ) -> tuple[Any, ...]:
     r"""Evaluate a function with its jacobian and Laplacian in one forward pass.
@@ -232,7 +232,7 @@ def lap(
     ```
     """
     spec = _sparsity.to_spec(_LAP, sparsity)
-    chunk_size = _chunking.check_chunk_size(_LAP, chunk_size)
+    chunk_size = _checks.check_chunk_size(_LAP, chunk_size)
     has_aux = _checks.check_has_aux(_LAP, has_aux)
     checked = _checks.check_inputs(
         _LAP, fun, primals, jacobians, laplacians, filtered=False
@@ -240,16 +240,9 @@ def lap(
     store = _OutTree()
     flat_fun = _flat_fun(_LAP, fun, checked.treedef, store, has_aux)
     args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
-    if spec is not None and checked.n == 0:
-        spec = None  # no directions: nothing to be sparse about (and no blocks)
-    if spec is None:
-        outs, jacs, laps = _chunking.lap_flat_blocked(
-            flat_fun, *args, checked.n, chunk_size
-        )
-    else:
-        outs, jacs, laps = _chunking.lap_flat_sparse(
-            flat_fun, *args, checked.n, spec, chunk_size
-        )
+    outs, jacs, laps = evaluate.lap_evaluate(
+        flat_fun, *args, checked.n, chunk_size, spec
+    )
     outs, aux = store.split(outs)
     jacs, laps = jacs[: store.num_out], laps[: store.num_out]
     avals = [jax.typeof(o) for o in outs]
@@ -368,7 +361,7 @@ def lap_partial(
     )
     store = _OutTree()
     flat_fun = _flat_fun(_LAP_PARTIAL, fun, checked.treedef, store, has_aux)
-    outs, pe_fn = lap_partial_flat(
+    outs, pe_fn = evaluate.linearize(
         flat_fun,
         list(checked.primals),
         list(checked.jacobians),

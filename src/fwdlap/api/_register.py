@@ -4,8 +4,9 @@ from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import jax
+import jax.extend.core as jex_core
 
-from .._core import _jax, registry
+from .._core import registry
 from .._core.registry import Fallback, LapRule
 from .._core.rules.families import sparse_elementwise
 
@@ -117,7 +118,7 @@ def register_rule(
             "fwdlap.register_rule: `sparse` must be None or 'elementwise', got "
             f"{sparse!r}."
         )
-    if isinstance(primitive, _jax.Primitive):
+    if isinstance(primitive, jex_core.Primitive):
         dense = _primitive_rule(rule)
         sparse_rule = None if sparse is None else sparse_elementwise(primitive, dense)
         registry.register(primitive, LapRule(dense, sparse_rule))

@@ -16,12 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 
-from .._core._jax import Tracer
-from .._core.zeros import zero_tangent_from_primal
-from . import _chunking
-from ._checks import check_aux, check_has_aux, describe, is_array_like, split_aux
-from ._lap import lap as _lap_fn
+from .._core import evaluate
+from .._core.evaluate import ChunkSize
+from .._core.zeros import zero_laplacian, zero_tangent_from_primal
+from ._checks import (
+    ChunkSizeArg,
+    as_positive_int,
+    check_aux,
+    check_chunk_size,
+    check_has_aux,
+    describe,
+    is_array_like,
+    split_aux,
+)
+from ._lap import _densify, _flat_fun, _OutTree  # pyright: ignore[reportPrivateUsage]
 from ._lap import lap_partial as _lap_partial_fn
 from ._sparsity import Sparsity, to_spec
 
@@ -182,6 +192,11 @@ def _split_rows(rows: Any, arg: _Argument) -> Any:
 
     NumPy seeds stay NumPy: concrete seeds are what the sparse mode reads.
     """
+    return jax.tree_util.tree_unflatten(arg.treedef, _split_rows_flat(rows, arg))
+
+
+def _split_rows_flat(rows: Any, arg: _Argument) -> list[Any]:
+    """Seeds `(k, d)` as the flat jacobians `(k, *leaf.shape)` of `arg`'s leaves."""
     k = rows.shape[0]
     out: list[Any] = []
     offset = 0
@@ -189,7 +204,7 @@ def _split_rows(rows: Any, arg: _Argument) -> Any:
         piece = rows[:, offset : offset + size].reshape(k, *leaf.shape)
         out.append(piece.astype(np.dtype(leaf.dtype)))
         offset += size
-    return jax.tree_util.tree_unflatten(arg.treedef, out)
+    return out
 
 
 def _split_vector(vec: jax.Array, arg: _Argument, lead: tuple[int, ...]) -> Any:
@@ -224,7 +239,9 @@ class _Seeds(NamedTuple):
     dense: Any = None
 
 
-def _block(seeds: _Seeds, start: Any, size: int, dim: int, dtype: Any) -> jax.Array:
+def _seed_chunk(
+    seeds: _Seeds, start: Any, size: int, dim: int, dtype: Any
+) -> jax.Array:
     """Rows `start .. start + size` of the seeds (zero past `num`): `(size, d)`."""
     padded = -(-seeds.num // size) * size
     if seeds.dense is not None:
@@ -241,12 +258,12 @@ def _block(seeds: _Seeds, start: Any, size: int, dim: int, dtype: Any) -> jax.Ar
         # Padding rows point past the last coordinate: their one-hot row is zero.
         pad = jnp.full((padded - seeds.num,), dim, seeds.index.dtype)
         coords = jnp.concatenate([seeds.index, pad])[rows]
-    block = jax.nn.one_hot(coords, dim, dtype=dtype)
+    chunk = jax.nn.one_hot(coords, dim, dtype=dtype)
     if seeds.scale is not None:
         pad = jnp.zeros((padded - seeds.num,), seeds.scale.dtype)
         scale = jnp.concatenate([seeds.scale, pad])[rows]
-        block = block * scale[:, None].astype(dtype)
-    return block
+        chunk = chunk * scale[:, None].astype(dtype)
+    return chunk
 
 
 def _is_concrete(x: Any) -> bool:
@@ -521,7 +538,7 @@ def _probe_seeds(
 def _check_positive_int(api: str, name: str, value: Any) -> int | None:
     if value is None:
         return None
-    number = _chunking.as_positive_int(value)
+    number = as_positive_int(value)
     if number is None:
         raise ValueError(
             f"{api}: `{name}` must be a positive int or None, got {value!r}. Any "
@@ -532,10 +549,11 @@ def _check_positive_int(api: str, name: str, value: Any) -> int | None:
 
 
 def _evaluate(
+    api: str,
     f_x: Callable[[Any], Any],
     arg: _Argument,
     groups: list[_Seeds],
-    chunk_size: "_chunking.ChunkSize",
+    chunk_size: ChunkSize,
     want_jacobian: bool,
     sparsity: Any = None,
     has_aux: bool = False,
@@ -545,145 +563,65 @@ def _evaluate(
     With `want_jacobian` (only for a single group) the jacobian rows of the outputs come
     back as one array `(num, *out.shape)` per output leaf, in seed order. With
     `has_aux`, `f_x` returns `(output, aux)` and `aux` comes back as computed (else
-    None).
+    None). The core evaluates the seeds (`evaluate.lap_flat_rows`) in one pass or in
+    chunks; the unit vectors of the sparse mode go to `evaluate.lap_evaluate`.
     """
-    dim, dtype = arg.dim, arg.dtype
-    if dim == 0:
-        return _evaluate_empty(f_x, arg, want_jacobian, has_aux)
-    if sparsity is not None:  # identity seeds only (checked by the callers)
-        return _evaluate_sparse(f_x, arg, chunk_size, want_jacobian, sparsity, has_aux)
-
-    most = max(g.num for g in groups)
-    block = _chunking.resolve_chunk_size(chunk_size, f_x, (arg.tree,), most)
-    size = most if block is None else block
-    zero_laps = _zero_laplacians(arg)
-
-    if len(groups) == 1 and groups[0].num == size:
-        g = groups[0]
-        jac = _split_rows(_block(g, 0, size, dim, dtype), arg)
-        result = _lap_fn(
-            f_x,
-            (arg.tree,),
-            (jac,),
-            (zero_laps,),
-            chunk_size=None,
-            has_aux=has_aux,
+    store = _OutTree()
+    treedef = jax.tree_util.tree_structure((arg.tree,))
+    flat_fun = _flat_fun(api, f_x, treedef, store, has_aux)
+    zero_laps = [zero_laplacian(leaf) for leaf in arg.leaves]
+    if arg.dim == 0:
+        # No coordinates: zero laplacians and jacobians without rows, whatever the
+        # weights, probes, chunks or sparsity asked for.
+        rows = np.zeros((0, 0), np.dtype(arg.dtype))
+        jacs_in = _split_rows_flat(rows, arg)
+        outs, jacs, laps = evaluate.lap_evaluate(
+            flat_fun, arg.leaves, jacs_in, zero_laps, 0, None
         )
-        out, jac_out, lap_out = result[:3]
-        if g.sign < 0:
-            lap_out = _negate(lap_out)
-        return out, lap_out, jac_out if want_jacobian else None, _aux(result, 3)
+        num = 0
+    elif sparsity is not None:  # identity seeds only (checked by the callers)
+        eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
+        spec = to_spec(api, sparsity)
+        outs, jacs, laps = evaluate.lap_evaluate(
+            flat_fun,
+            arg.leaves,
+            _split_rows_flat(eye, arg),
+            zero_laps,
+            arg.dim,
+            chunk_size,
+            spec,
+        )
+        num = arg.dim
+    else:
+        row_groups = [_row_group(g, arg) for g in groups]
+        outs, laps, jacs = evaluate.lap_flat_rows(
+            flat_fun, arg.leaves, row_groups, chunk_size, want_jacobian
+        )
+        num = groups[-1].num
+    outs, aux = store.split(outs)
+    avals = [jax.typeof(o) for o in outs]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, store.treedef)
+    laps = [_densify(a, lp, ()) for a, lp in zip(avals, laps, strict=False)]
+    rows_out = None
+    if want_jacobian and jacs is not None:
+        jacs = [_densify(a, j, (num,)) for a, j in zip(avals, jacs, strict=False)]
+        rows_out = unflatten(jacs)
+    return unflatten(outs), unflatten(laps), rows_out, aux
 
-    example = _split_rows(jnp.zeros((size, dim), dtype), arg)
-    partial_out = _lap_partial_fn(
-        f_x, (arg.tree,), (example,), (zero_laps,), has_aux=has_aux
-    )
-    out, pe = partial_out[:2]
-    total: Any = None
-    jacobian: Any = None
-    for g in groups:
 
-        def tangents(start: Any, g: _Seeds = g) -> tuple[Any, Any]:
-            jac = _split_rows(_block(g, start, size, dim, dtype), arg)
-            return pe((jac,), (zero_laps,))
+def _row_group(seeds: _Seeds, arg: _Argument) -> evaluate.RowGroup:
+    """The seeds as the core's row group: flat jacobians, a chunk of rows at a time."""
 
-        num_blocks = -(-g.num // size)
+    def chunk(start: Any, size: int) -> list[Any]:
+        rows = _seed_chunk(seeds, start, size, arg.dim, arg.dtype)
+        return _split_rows_flat(rows, arg)
 
-        def body(carry: None, start: Any, tangents: Any = tangents) -> tuple[None, Any]:
-            jac_out, lap_out = tangents(start)
-            return carry, (lap_out, jac_out if want_jacobian else None)
-
-        # All blocks in one scan without a carry: the tangent map is compiled once,
-        # and stacked outputs need no initial value (whose types would have to match
-        # the body's exactly, shardings included, under explicitly sharded meshes).
-        starts = jnp.arange(num_blocks) * size
-        _, (lap_blocks, row_blocks) = lax.scan(body, None, starts)
-        lap_g = jax.tree_util.tree_map(_sum_blocks, lap_blocks)
-        rows = None
-        if want_jacobian:
-
-            def join(stacked: Any, num: int = g.num) -> Any:
-                return stacked.reshape(-1, *stacked.shape[2:])[:num]
-
-            rows = jax.tree_util.tree_map(join, row_blocks)
-        if g.sign < 0:
-            lap_g = _negate(lap_g)
-        total = lap_g if total is None else _add(total, lap_g)
-        jacobian = rows
-    return out, total, jacobian, _aux(partial_out, 2)
+    return evaluate.RowGroup(seeds.num, seeds.sign, chunk)
 
 
 def _aux(result: tuple[Any, ...], index: int) -> Any:
     """The auxiliary data at `result[index]`, or None where `has_aux` was off."""
     return result[index] if len(result) > index else None
-
-
-def _evaluate_empty(
-    f_x: Callable[[Any], Any], arg: _Argument, want_jacobian: bool, has_aux: bool
-) -> tuple[Any, Any, Any, Any]:
-    """`_evaluate` for an argument without coordinates: a pass with no directions.
-
-    Its laplacians are zero and its jacobians have no rows, whatever the weights,
-    probes, chunks or sparsity asked for.
-    """
-    rows = np.zeros((0, 0), np.dtype(arg.dtype))
-    result = _lap_fn(
-        f_x,
-        (arg.tree,),
-        (_split_rows(rows, arg),),
-        (_zero_laplacians(arg),),
-        chunk_size=None,
-        has_aux=has_aux,
-    )
-    out, jac_out, lap_out = result[:3]
-    return out, lap_out, jac_out if want_jacobian else None, _aux(result, 3)
-
-
-def _evaluate_sparse(
-    f_x: Callable[[Any], Any],
-    arg: _Argument,
-    chunk_size: "_chunking.ChunkSize",
-    want_jacobian: bool,
-    sparsity: Any,
-    has_aux: bool,
-) -> tuple[Any, Any, Any, Any]:
-    """`_evaluate` for the unit vectors in the block-sparse mode.
-
-    One sparse pass, whose dense jacobians `lap` evaluates in windows of whole
-    particles as `chunk_size` says (the block-sparse ones once).
-    """
-    eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
-    result = _lap_fn(
-        f_x,
-        (arg.tree,),
-        (_split_rows(eye, arg),),
-        (_zero_laplacians(arg),),
-        sparsity=sparsity,
-        chunk_size=chunk_size,
-        has_aux=has_aux,
-    )
-    out, rows, total = result[:3]
-    return out, total, rows if want_jacobian else None, _aux(result, 3)
-
-
-def _sum_blocks(stacked: Any) -> Any:
-    return jnp.sum(stacked, axis=0)
-
-
-def _add(a: Any, b: Any) -> Any:
-    """Sum of two laplacian trees (float0 leaves, of integer outputs, stay zero)."""
-
-    def add_leaf(x: Any, y: Any) -> Any:
-        return x if _is_float0(x) else x + y
-
-    return jax.tree_util.tree_map(add_leaf, a, b)
-
-
-def _negate(a: Any) -> Any:
-    def negate_leaf(x: Any) -> Any:
-        return x if _is_float0(x) else -x
-
-    return jax.tree_util.tree_map(negate_leaf, a)
 
 
 def _is_float0(x: Any) -> bool:
@@ -698,7 +636,7 @@ def laplacian(
     argnums: int | Sequence[int] = 0,
     *,
     weights: Any = None,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: ChunkSizeArg = "auto",
     probes: SupportsIndex | None = None,
     key: Any = None,
     probe_distribution: Literal["rademacher", "gaussian"] = "rademacher",
@@ -829,7 +767,7 @@ def laplacian(
     """
     _check_fun(_LAPLACIAN, fun)
     nums, is_tuple = _normalize_argnums(_LAPLACIAN, argnums)
-    chunk = _chunking.check_chunk_size(_LAPLACIAN, chunk_size)
+    chunk = check_chunk_size(_LAPLACIAN, chunk_size)
     if weights is not None:
         _check_weights_dtype(_LAPLACIAN, weights)
     has_aux = check_has_aux(_LAPLACIAN, has_aux)
@@ -862,6 +800,7 @@ def laplacian(
                 _LAPLACIAN, groups, num_probes, key, probe_distribution, arg
             )
         _, lap_out, _, aux = _evaluate(
+            _LAPLACIAN,
             f_x,
             arg,
             groups,
@@ -881,7 +820,7 @@ def value_grad_and_laplacian(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: ChunkSizeArg = "auto",
     sparsity: Sparsity | int | bool | None = None,
     has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -946,7 +885,7 @@ def value_grad_and_laplacian(
     """
     _check_fun(_VGL, fun)
     nums, is_tuple = _normalize_argnums(_VGL, argnums)
-    chunk = _chunking.check_chunk_size(_VGL, chunk_size)
+    chunk = check_chunk_size(_VGL, chunk_size)
     sparse = _check_sparsity(_VGL, sparsity)
     has_aux = check_has_aux(_VGL, has_aux)
 
@@ -973,6 +912,7 @@ def value_grad_and_laplacian(
             return (out, aux) if has_aux else out
 
         out, lap_out, rows, aux = _evaluate(
+            _VGL,
             scalar_f,
             arg,
             [_Seeds(arg.dim, 1.0)],
@@ -1024,8 +964,8 @@ def _describe(out: Any) -> str:
     return f"a {type(out).__name__} with {len(leaves)} leaves"
 
 
-def _map_in_blocks(fn: Callable[[Any], Any], xs: jax.Array, block: int) -> Any:
-    """`jax.vmap(fn)(xs)`, evaluated `block` entries at a time by `jax.lax.map`.
+def _map_in_chunks(fn: Callable[[Any], Any], xs: jax.Array, chunk: int) -> Any:
+    """`jax.vmap(fn)(xs)`, evaluated `chunk` entries at a time by `jax.lax.map`.
 
     Float0 leaves (the tangents of integer outputs) stay out of the loop, which
     cannot carry them, and come back as float0 zeros.
@@ -1038,7 +978,7 @@ def _map_in_blocks(fn: Callable[[Any], Any], xs: jax.Array, block: int) -> Any:
         flat = jax.tree_util.tree_leaves(fn(x))
         return [flat[i] for i in live]
 
-    mapped = iter(_lax_map(live_leaves, xs, batch_size=block))
+    mapped = iter(_lax_map(live_leaves, xs, batch_size=chunk))
     out: list[Any] = [
         next(mapped)
         if i in live
@@ -1052,7 +992,7 @@ def hessian_diagonal(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     *,
-    chunk_size: _chunking.ChunkSizeArg = "auto",
+    chunk_size: ChunkSizeArg = "auto",
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     r"""The Hessian's diagonal, $\partial^2 f / \partial x_i^2$ for every coordinate.
@@ -1100,7 +1040,7 @@ def hessian_diagonal(
     """
     _check_fun(_HESS_DIAG, fun)
     nums, is_tuple = _normalize_argnums(_HESS_DIAG, argnums)
-    chunk = _chunking.check_chunk_size(_HESS_DIAG, chunk_size)
+    chunk = check_chunk_size(_HESS_DIAG, chunk_size)
     has_aux = check_has_aux(_HESS_DIAG, has_aux)
 
     @functools.wraps(fun)
@@ -1121,11 +1061,11 @@ def hessian_diagonal(
             return lap_out
 
         directions = jnp.arange(arg.dim)
-        block = _chunking.resolve_chunk_size(chunk, f_x, (arg.tree,), arg.dim)
-        if block is None:
+        per_chunk = evaluate.chunk_size_for(chunk, f_x, (arg.tree,), arg.dim)
+        if per_chunk is None:
             per_direction = jax.vmap(one_direction)(directions)
         else:
-            per_direction = _map_in_blocks(one_direction, directions, block)
+            per_direction = _map_in_chunks(one_direction, directions, per_chunk)
 
         def arrange(d: Any) -> Any:
             out_shape = tuple(d.shape[1:])
