@@ -180,17 +180,18 @@ def lap(
         identity itself and has no such caveat.
         The outputs are dense either way.
     - `chunk_size`: how many directions to push through at a time. `None` is one
-        pass with all $n$. An int evaluates `fun` once and the directions in blocks of
+        pass with all $n$. An int evaluates `fun` once and the directions in chunks of
         that many, in a `jax.lax.scan` over its linearisation (as
-        [`fwdlap.lap_partial`][] does), so memory scales with the block instead of
-        with $n$. `"auto"` (the default) uses blocks on the CPU backend when that
+        [`fwdlap.lap_partial`][] does), so memory scales with the chunk instead of
+        with $n$. `"auto"` (the default) uses chunks on the CPU backend when that
         pays: at least 32 directions whose jacobians would exceed about 6 MiB,
-        estimated by tracing `fun` to a jaxpr once more. Each block then carries
+        estimated by tracing `fun` to a jaxpr once more. Each chunk then carries
         about 9 MiB of jacobians (8 to 32 directions). Elsewhere it is one pass.
         Results agree up to floating-point reordering. In the sparse mode it bounds
         the dense jacobians only (the block-sparse ones are computed once): an int
-        is rounded down to whole blocks, and they are evaluated a window of that
-        many directions at a time; `"auto"` makes windows of about 8 blocks where
+        is rounded down to whole particle blocks, and they are evaluated a window of
+        that many directions at a time; `"auto"` makes windows of about 8 particle
+        blocks where
         the dense jacobians of one pass would exceed about 6 MiB (9 MiB if loops
         carry them), on the CPU. A
         pass whose input jacobian is known only at run time cannot be windowed and
@@ -300,10 +301,10 @@ def lap_partial(
     It is to [`fwdlap.lap`][] what `jax.linearize` is to `jax.jvp`: it evaluates `fun`
     at `primals` once and returns the output together with `lap_pe`, a function that
     maps tangents `(jacobians, laplacians)` to `(jacobians_out, laplacians_out)`
-    without evaluating `fun` again. Use it to push many blocks of directions through
-    one network evaluation, for example in a `jax.lax.fori_loop` over blocks of the
+    without evaluating `fun` again. Use it to push many chunks of directions through
+    one network evaluation, for example in a `jax.lax.fori_loop` over chunks of the
     identity when the whole $n \times n$ jacobian does not fit in memory; the Laplacian
-    is then the sum of the blocks' laplacians (with the input laplacian in one block
+    is then the sum of the chunks' laplacians (with the input laplacian in one chunk
     only).
 
     The examples fix what `lap_pe` accepts: the structure of `primals`, the number of
@@ -340,14 +341,14 @@ def lap_partial(
 
     f = lambda x: jnp.sin(x).sum()
     x = jnp.arange(4.0)
-    eye = jnp.eye(4).reshape(2, 2, 4)  # 2 blocks of 2 directions
+    eye = jnp.eye(4).reshape(2, 2, 4)  # 2 chunks of 2 directions
     out, lap_pe = fwdlap.lap_partial(f, (x,), (eye[0],), (None,))
 
-    def add_block(i, total):
-        _, lap_block = lap_pe((eye[i],), (None,))
-        return total + lap_block
+    def add_chunk(i, total):
+        _, lap_chunk = lap_pe((eye[i],), (None,))
+        return total + lap_chunk
 
-    laplacian = jax.lax.fori_loop(0, 2, add_block, 0.0)  # == -jnp.sin(x).sum()
+    laplacian = jax.lax.fori_loop(0, 2, add_chunk, 0.0)  # == -jnp.sin(x).sum()
     ```
     """
     has_aux = _checks.check_has_aux(_LAP_PARTIAL, has_aux)

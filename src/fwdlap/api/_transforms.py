@@ -668,15 +668,15 @@ def laplacian(
         indefinite; only its symmetric part matters, as the Hessian is symmetric.
         Coordinates are ordered as `jax.flatten_util.ravel_pytree` orders them: the
         chosen arguments' leaves in `jax.tree_util` order, each leaf row-major.
-    - `chunk_size`: an int evaluates the tangent directions in blocks of this many
+    - `chunk_size`: an int evaluates the tangent directions in chunks of this many
         inside a `jax.lax.scan` (through `fwdlap.lap_partial`, so the primal is
         computed once). The number of directions need not be a multiple of it (the
-        last block is padded with zero directions). XLA's temporary memory then scales
+        last chunk is padded with zero directions). XLA's temporary memory then scales
         with `chunk_size` instead of with $d$, at the price of a sequential loop.
-        `None` is one pass with all directions. `"auto"` (the default) uses blocks
+        `None` is one pass with all directions. `"auto"` (the default) uses chunks
         of 8 to 32 on the CPU backend when the jacobians of one pass would be large
         (at least 32 directions and about 6 MiB; see [`fwdlap.lap`][]), where the
-        blocks run faster because they stay in cache, and one pass otherwise. In the
+        chunks run faster because they stay in cache, and one pass otherwise. In the
         sparse mode it bounds only the dense jacobians, to windows of whole
         particles (see `sparsity`); `"auto"` traces the single sparse pass once to a
         jaxpr and, where its dense jacobians take more than about 6 MiB (9 MiB if
@@ -690,7 +690,7 @@ def laplacian(
         `weights` or `probes`. With `chunk_size` as well, there is still one sparse
         pass, but the jacobians that became dense (of values depending on most
         particles) hold the directions of a window of whole particles at a time
-        (`chunk_size` rounded down to a multiple of the block size), in a
+        (`chunk_size` rounded down to a multiple of the particle block size), in a
         `jax.lax.scan` over the windows; the primal and the block-sparse jacobians
         are computed once, before it.
     - `key`: a `jax.random` key for the probes.
@@ -839,9 +839,9 @@ def value_grad_and_laplacian(
     - `argnums`: which positional argument(s) to differentiate with respect to: an int
         or a tuple of ints; the arguments may be pytrees of real floating-point arrays.
     - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
-        blocks of this many inside a loop, so that memory no longer grows with the
+        chunks of this many inside a loop, so that memory no longer grows with the
         number of coordinates; `None` is one pass; `"auto"` (the default) picks
-        blocks of 8 to 32 where one pass's jacobians would be large, on the CPU
+        chunks of 8 to 32 where one pass's jacobians would be large, on the CPU
         (and, in the sparse mode, windows of about 8 particles for the dense
         jacobians where those are large).
     - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
@@ -1010,9 +1010,9 @@ def hessian_diagonal(
     - `argnums`: which positional argument(s) to differentiate with respect to: an int
         or a tuple of ints; the arguments may be pytrees of real floating-point arrays.
     - `chunk_size`: as in `fwdlap.laplacian`: an int evaluates the directions in
-        blocks of this many (`jax.lax.map` with `batch_size`, the blocks one after
-        the other), so that memory grows with the block instead of with $d$; `None`
-        is one `jax.vmap` over all $d$ directions; `"auto"` (the default) uses blocks
+        chunks of this many (`jax.lax.map` with `batch_size`, the chunks one after
+        the other), so that memory grows with the chunk instead of with $d$; `None`
+        is one `jax.vmap` over all $d$ directions; `"auto"` (the default) uses chunks
         of 8 to 32 on the CPU where the $d$ directions' jacobians would take more
         than about 6 MiB, and one `vmap` otherwise.
     - `has_aux`: as in `jax.hessian`: `fun` returns a pair `(output, aux)`, only
