@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._core.taylor4 import Context, taylor4_flat
 from .._core.taylor4.moments import exact_design
+from .._core.taylor4.series import Context
+from .._core.taylor4.trace import taylor4_flat
 from .._core.zeros import is_zero
 from . import _chunking
 from ._checks import check_has_aux, check_outputs

@@ -13,6 +13,7 @@ from jax import lax
 
 from .. import dot_split
 from ..registry import DECLINED
+from ..taylor4 import rules as taylor4_rules
 from ..zeros import (
     add,
     broadcast_operands,
@@ -203,10 +204,15 @@ def _split_dot(trace: Any, tracers, primals, jacobians, laplacians, params) -> A
 
 
 def _register() -> None:
-    def_bilinear(lax.mul_p, mul_rule, sparse="elementwise")
+    mul_ops = taylor4_rules.MulOps(lax.mul_p)
+    def_bilinear(lax.mul_p, mul_rule, sparse="elementwise", ops=mul_ops)
     sparse_dot = sparse_rules.bind(sparse_rules.dot_general_rule, lax.dot_general_p)
     def_bilinear(
-        lax.dot_general_p, dot_general_rule, sparse=sparse_dot, rewrite=_split_dot
+        lax.dot_general_p,
+        dot_general_rule,
+        sparse=sparse_dot,
+        rewrite=_split_dot,
+        ops=taylor4_rules.DotOps(lax.dot_general_p),
     )
     def_bilinear(lax.conv_general_dilated_p, conv_rule, sparse=None)
 

@@ -4,7 +4,9 @@ Each rule turns the body (or branches) into a collapsed-Taylor jaxpr
 (`taylor4_jaxpr`) that takes and returns only the non-zero coefficients, interleaved
 after their primal. Loops find which carries have non-zero coefficients by a
 fixpoint, as JAX's JVP does. (`jit` and `remat` bodies, and a `cond` whose index is
-known while tracing, are inlined by the trace itself.)
+known while tracing, are inlined by the trace itself.) Importing this module adds the
+rules to the entries of the forward-Laplacian control-flow rules (`registry`), so it is
+imported after those.
 """
 
 from collections.abc import Sequence
@@ -13,17 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import _jax
+from .. import _jax, registry
 from ..zeros import is_zero
-from .rules import def_rule
-from .trace import (
-    Context,
-    Mask,
-    deinterleave,
-    interleave,
-    nonzero_mask,
-    taylor4_jaxpr,
-)
+from .series import Context, nonzero_mask
+from .trace import Mask, deinterleave, interleave, taylor4_jaxpr
 
 _NONE: Mask = (False, False, False, False)
 
@@ -165,6 +160,6 @@ def cond_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     return deinterleave(outs, out_m, ctx)
 
 
-def_rule(_jax.scan_p, scan_rule)
-def_rule(_jax.while_p, while_rule)
-def_rule(_jax.cond_p, cond_rule)
+registry.set_pass_rule(_jax.scan_p, taylor4=scan_rule)
+registry.set_pass_rule(_jax.while_p, taylor4=while_rule)
+registry.set_pass_rule(_jax.cond_p, taylor4=cond_rule)
