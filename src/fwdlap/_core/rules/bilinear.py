@@ -2,6 +2,8 @@
 
 For a bilinear f(a, b) the Hessian only couples a with b, so the second-order term is
 2 * sum_k f(J_a[k], J_b[k]); each side's first-order term is f applied to one tangent.
+The fourth-order pass takes the product of the two series, with `ops` saying how `f`
+meets rows of coefficients (`taylor4.rules.BilinearOps`).
 """
 
 from collections.abc import Sequence

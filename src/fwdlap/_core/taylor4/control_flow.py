@@ -49,6 +49,7 @@ def _fixpoint(
 
 
 def scan_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`scan`: the body over interleaved coefficients, scanned ones moved to axis 1."""
     num_consts, num_carry = params["num_consts"], params["num_carry"]
     body = params["jaxpr"]
     masks = _masks(series)
@@ -94,6 +95,7 @@ def scan_rule(ctx: Context, primals: Any, series: Any, **params: Any):
 
 
 def while_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`while`: the body over interleaved carries; the condition reads the primals."""
     cond_nconsts, body_nconsts = params["cond_nconsts"], params["body_nconsts"]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
     masks = _masks(series)
@@ -147,6 +149,7 @@ def _cond_on_primals(
 
 
 def cond_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`cond` with a traced index: every branch returns the union of their masks."""
     branches = params["branches"]
     index, *ops = primals
     op_series = list(series[1:])
