@@ -9,9 +9,10 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import fwdlap
-from fwdlap._core.taylor4 import Context, taylor4_flat
-from fwdlap._core.taylor4 import rules as taylor4_rules
+from fwdlap._core.rules import families
 from fwdlap._core.taylor4.moments import exact_design
+from fwdlap._core.taylor4.series import Context
+from fwdlap._core.taylor4.trace import taylor4_flat
 
 
 def _reference_biharmonic(f, x):
@@ -335,14 +336,34 @@ _DERIVS = {
 def test_elementwise_derivative_tables(name):
     """The four derivatives each rule is built on, against nested `jax.grad`."""
     fn = _DERIVS[name]
-    derivs = dict(taylor4_rules._ELEMENTWISE)[name][0]  # pyright: ignore[reportPrivateUsage]
+    derivs = families.DERIVATIVES[getattr(jax.lax, f"{name}_p")]
     x = jnp.array([0.3, 0.9, 1.7])
-    got = derivs(x, fn(x))
+    got = list(derivs(x, fn(x), {}))
     g = fn
     for k in range(4):
         g = jax.grad(g)
         want = jax.vmap(g)(x)
         assert np.allclose(got[k], want, rtol=1e-10), (name, k + 1)
+
+
+def _inverse_and_special(x):
+    y = 0.3 * x
+    sp = jax.scipy.special
+    return (
+        jnp.sum(
+            jnp.tan(y) + jnp.arctan(x) + jnp.arcsin(y) + jnp.arccos(y) + jnp.arcsinh(x)
+        )
+        + jnp.sum(jnp.arccosh(2 + y) + jnp.arctanh(y) + jnp.cbrt(2 + x) + sp.erfc(x))
+        + jnp.sum(sp.erfinv(y) + sp.gammaln(2 + x) + sp.digamma(2 + x))
+    )
+
+
+def test_elementwise_rules_from_the_shared_tables():
+    """Primitives whose fourth-order rule is built from their derivative table."""
+    want = reference_biharmonic(_inverse_and_special, _X3)
+    for chunk_size in (None, 2):  # the moments and the direction layout
+        bih = fwdlap.biharmonic(_inverse_and_special, chunk_size=chunk_size)
+        np.testing.assert_allclose(jax.jit(bih)(_X3), want, rtol=1e-9)
 
 
 @pytest.mark.parametrize("power", [-3, -1, 2, 3, 5])

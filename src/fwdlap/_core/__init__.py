@@ -28,6 +28,9 @@ from .rules import (  # noqa: F401
     linear,
     reduction,
 )
+
+# The fourth-order loops and branches join the control-flow entries made above.
+from .taylor4 import control_flow as taylor4_control_flow  # noqa: F401
 from .trace import LapTrace as LapTrace
 from .trace import LapTracer as LapTracer
 from .transform import lap_flat as lap_flat

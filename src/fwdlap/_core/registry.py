@@ -29,9 +29,17 @@ what runs for anything not in the table.
 the `LapTrace` itself, before the rule (even when every tangent is zero), and returns
 the output tracers or a `Fallback`.
 
-Family helpers (`rules.families`) fill the table for the common cases, the dense and
-the sparse behaviour together: `def_elementwise`, `def_linear`, `def_zero`,
-`def_bilinear`.
+**The fourth-order pass.** An entry also holds the rule of the collapsed fourth-order
+Taylor pass behind `fwdlap.biharmonic` (`taylor4`), which has its own signature,
+
+    rule(ctx, primals, series, **params) -> (outs, series)
+
+(see `taylor4.rules`), or None where that pass's generic rule does (nested JVPs).
+
+Family helpers (`rules.families`) fill the table for the common cases, the dense, the
+sparse and the fourth-order behaviour together: `def_elementwise`, `def_linear`,
+`def_zero`, `def_bilinear`. Rules of the fourth-order pass alone (its loops and
+branches) are added to an entry with `set_pass_rule`.
 """
 
 import dataclasses
@@ -100,6 +108,7 @@ class LapRule:
         gets), not by comparing the staged jaxpr with a fresh trace.
     - `name`: the name in densification reports (default: the primitive's or the
         function's).
+    - `taylor4`: the rule of the fourth-order pass, or None: its generic rule.
     """
 
     dense: Rule
@@ -108,6 +117,7 @@ class LapRule:
     rewrite: Rule | None = None
     by_source: bool = False
     name: str | None = None
+    taylor4: Rule | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -134,6 +144,19 @@ def register(target: Any, rule: LapRule) -> None:
     rules[key] = rule
     if key is not target:
         custom_jvp_by_source[_jax.fun_sourceinfo(key)] = key
+
+
+def set_pass_rule(target: Any, *, taylor4: Rule) -> None:
+    """Give the entry of `target` its fourth-order rule, keeping its other rules.
+
+    The entry must exist: a forward-Laplacian registration made after this one would
+    replace the whole entry, so registering in that order is an error, not a silent
+    loss.
+    """
+    key = key_of(target)
+    if key not in rules:
+        raise KeyError(f"{target} has no entry: register its Laplacian rules first")
+    rules[key] = dataclasses.replace(rules[key], taylor4=taylor4)
 
 
 def unregister(target: Any) -> LapRule | None:

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core import evaluate
-from .._core.taylor4 import Context, taylor4_flat
 from .._core.taylor4.moments import exact_design
+from .._core.taylor4.series import Context
+from .._core.taylor4.trace import taylor4_flat
 from .._core.zeros import is_zero
 from ._checks import check_chunk_size, check_has_aux, check_outputs
 from ._lap import dense_zero

@@ -2,6 +2,8 @@
 
 For a bilinear f(a, b) the Hessian only couples a with b, so the second-order term is
 2 * sum_k f(J_a[k], J_b[k]); each side's first-order term is f applied to one tangent.
+The fourth-order pass takes the product of the two series, with `ops` saying how `f`
+meets rows of coefficients (`taylor4.rules.BilinearOps`).
 """
 
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ from jax import lax
 
 from .. import dot_split
 from ..registry import DECLINED
+from ..taylor4 import rules as taylor4_rules
 from ..zeros import (
     add,
     broadcast_operands,
@@ -203,10 +206,15 @@ def _split_dot(trace: Any, tracers, primals, jacobians, laplacians, params) -> A
 
 
 def _register() -> None:
-    def_bilinear(lax.mul_p, mul_rule, sparse="elementwise")
+    mul_ops = taylor4_rules.MulOps(lax.mul_p)
+    def_bilinear(lax.mul_p, mul_rule, sparse="elementwise", ops=mul_ops)
     sparse_dot = sparse_rules.bind(sparse_rules.dot_general_rule, lax.dot_general_p)
     def_bilinear(
-        lax.dot_general_p, dot_general_rule, sparse=sparse_dot, rewrite=_split_dot
+        lax.dot_general_p,
+        dot_general_rule,
+        sparse=sparse_dot,
+        rewrite=_split_dot,
+        ops=taylor4_rules.DotOps(lax.dot_general_p),
     )
     def_bilinear(lax.conv_general_dilated_p, conv_rule, sparse=None)
 

@@ -1,23 +1,29 @@
-"""Family helpers: one line registers a primitive's dense and sparse behaviour.
+"""Family helpers: one line registers a primitive's behaviour in every pass.
 
 As JAX's `defjvp` / `deflinear`, a helper builds the rules of a whole family from what
 is particular to the primitive (its derivatives, how it moves block indices), so that
-the dense and the block-sparse mode cannot drift apart:
+the dense and the block-sparse mode of the forward Laplacian and the fourth-order pass
+(`taylor4`) cannot drift apart:
 
-- `def_elementwise(prim, derivatives)`: f(x) per element. Sparse: the operands are
-  aligned to the union of their blocks and the dense rule runs on that data.
-- `def_linear(prim, index_map=None)`: linear in the differentiable inputs. Sparse:
-  `index_map` moves the block indices as the primitive moves values (NumPy, at trace
-  time), or an explicit `sparse=` rule, or `elementwise=True`.
+- `def_elementwise(prim, derivatives)`: f(x) per element, from one derivative table
+  (the Laplacian takes its first two entries, the fourth-order pass four). Sparse: the
+  operands are aligned to the union of their blocks and the dense rule runs on that
+  data.
+- `def_linear(prim, index_map=None)`: linear in the differentiable inputs: the map is
+  applied to every direction and coefficient. Sparse: `index_map` moves the block
+  indices as the primitive moves values (NumPy, at trace time), or an explicit
+  `sparse=` rule, or `elementwise=True`.
 - `def_zero(prim)`: no tangents out (comparisons, floor, stop_gradient, ...).
-- `def_bilinear(prim, dense, sparse=...)`: mul, dot_general, conv.
+- `def_bilinear(prim, dense, sparse=...)`: mul, dot_general, conv; the fourth-order
+  pass takes the series product.
 
 A linear or bilinear primitive must say how the sparse mode treats it: pass
 `sparse=None` to make its operands dense on purpose, which `DENSE_ONLY` records.
 """
 
 import functools
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +32,7 @@ from jax import lax
 
 from .. import registry
 from ..registry import LapRule
+from ..taylor4 import rules as taylor4_rules
 from ..zeros import (
     add,
     instantiate,
@@ -37,8 +44,13 @@ from ..zeros import (
 from . import sparse_rules
 from .generic import generic_lap_rule, primitive_jvp_fn
 
-Derivatives = Callable[[Any, Any, dict[str, Any]], tuple[Any, Any]]
-"""`(x, y, params) -> (f'(x), f''(x))`, given the input `x` and the output `y`."""
+Derivatives = Callable[[Any, Any, dict[str, Any]], Iterable[Any]]
+"""`(x, y, params) -> f'(x), f''(x), f'''(x), f''''(x)`, given the input `x` and the
+output `y`: an elementwise primitive's one derivative table.
+
+A pass takes the first entries it needs (the forward Laplacian two, the fourth-order
+pass four); written as a generator, the table never computes the orders not taken.
+"""
 
 _MISSING: Any = object()
 
@@ -48,6 +60,8 @@ ELEMENTWISE: set[Any] = set()
 """Primitives whose sparse rule aligns the operands (they act per element)."""
 NO_TANGENT: set[Any] = set()
 """Primitives registered with `def_zero`."""
+DERIVATIVES: dict[Any, Derivatives] = {}
+"""The derivative table of each unary elementwise primitive."""
 
 
 def sum_squares(jac: Any) -> Any:
@@ -65,27 +79,31 @@ def def_elementwise(
     derivatives: Derivatives | None = None,
     *,
     dense: registry.Rule | None = None,
+    taylor4: registry.Rule | None = None,
     real_only: bool = False,
 ) -> None:
-    """Register an elementwise primitive.
+    """Register an elementwise primitive, in both modes and the fourth-order pass.
 
     **Arguments:**
 
     - `prim`: the primitive (nothing is registered if it is None: not in this JAX).
-    - `derivatives`: for a unary primitive, its first and second derivative.
+    - `derivatives`: for a unary primitive, its derivative table (`Derivatives`).
     - `dense`: the dense rule of a primitive with several operands (default: the
         generic rule).
-    - `real_only`: complex inputs take the generic rule.
+    - `taylor4`: the fourth-order rule of a primitive with several operands (default:
+        that pass's generic rule).
+    - `real_only`: complex inputs take the generic rules.
     """
     if prim is None:
         return
     if derivatives is not None:
+        DERIVATIVES[prim] = derivatives
         dense = unary_rule(prim, derivatives, real_only)
+        taylor4 = taylor4_rules.elementwise_rule(prim, derivatives, real_only)
     elif dense is None:
         dense = generic_lap_rule(prim)
-    registry.register(
-        prim, LapRule(dense, sparse_elementwise(prim, dense), kind="elementwise")
-    )
+    sparse = sparse_elementwise(prim, dense)
+    registry.register(prim, LapRule(dense, sparse, "elementwise", taylor4=taylor4))
 
 
 def unary_rule(prim: Any, derivatives: Derivatives, real_only: bool = False):
@@ -97,7 +115,8 @@ def unary_rule(prim: Any, derivatives: Derivatives, real_only: bool = False):
         if real_only and jnp.iscomplexobj(x):
             return generic(ctx, primals, jacobians, laplacians, **params)
         y = prim.bind(x, **params)
-        d1, d2 = derivatives(x, y, params)
+        # Only the two orders the Laplacian needs are computed (see `Derivatives`).
+        d1, d2 = itertools.islice(derivatives(x, y, params), 2)
         if is_zero(jac):
             jac_out = zero_jacobian(y, jac.aval.shape[0])
             second = zero_laplacian(y)
@@ -176,12 +195,15 @@ def def_linear(
         the primitive moves values (None where it cannot).
     - `sparse`: the sparse rule instead (None: densify on purpose).
     - `elementwise`: the primitive is also elementwise (its sparse rule aligns).
-    - `unary`: one array operand: the primitive itself is applied to the tangents;
-        else JAX's JVP rule of the primitive is.
+    - `unary`: one array operand: the primitive itself is applied to the tangents
+        (and the Taylor coefficients); else JAX's JVP rule of the primitive is.
     """
     if prim is None:
         return
-    dense = unary_linear_rule(prim) if unary else multi_linear_rule(prim)
+    if unary:
+        dense, taylor4 = unary_linear_rule(prim), taylor4_rules.linear_rule(prim)
+    else:
+        dense, taylor4 = multi_linear_rule(prim), taylor4_rules.linear_jvp_rule(prim)
     if index_map is not None:
         sparse = sparse_rules.bind(sparse_rules.structural_rule(index_map), prim)
     elif elementwise:
@@ -190,7 +212,7 @@ def def_linear(
         raise TypeError(f"def_linear({prim}): say how the sparse mode treats it")
     if sparse is None:
         DENSE_ONLY.add(prim)
-    registry.register(prim, LapRule(dense, sparse, kind="linear"))
+    registry.register(prim, LapRule(dense, sparse, "linear", taylor4=taylor4))
 
 
 def unary_linear_rule(prim: Any):
@@ -246,13 +268,14 @@ def multi_linear_rule(prim: Any):
 
 
 def def_zero(prim: Any) -> None:
-    """Register a primitive whose outputs carry no tangent, in both modes."""
+    """Register a primitive whose outputs carry no tangent, in every pass."""
     if prim is None:
         return
     dense = functools.partial(_zero_rule, prim)
     sparse = sparse_rules.bind(sparse_rules.no_tangent_rule, prim)
     NO_TANGENT.add(prim)
-    registry.register(prim, LapRule(dense, sparse, kind="zero"))
+    taylor4 = taylor4_rules.zero_rule(prim)
+    registry.register(prim, LapRule(dense, sparse, "zero", taylor4=taylor4))
 
 
 def _zero_rule(
@@ -278,11 +301,13 @@ def def_bilinear(
     *,
     sparse: Any = _MISSING,
     rewrite: registry.Rule | None = None,
+    ops: taylor4_rules.BilinearOps | None = None,
 ) -> None:
-    """Register a bilinear primitive: its dense rule and its sparse rule.
+    """Register a bilinear primitive: its dense, sparse and fourth-order rules.
 
     `sparse="elementwise"` aligns the operands (mul); None densifies on purpose.
-    `rewrite` runs under the trace first (see `registry`).
+    `rewrite` runs under the trace first (see `registry`). `ops` says how the
+    fourth-order pass forms products of rows (default: the primitive vmapped).
     """
     if sparse == "elementwise":
         sparse = sparse_elementwise(prim, dense)
@@ -290,5 +315,6 @@ def def_bilinear(
         raise TypeError(f"def_bilinear({prim}): say how the sparse mode treats it")
     if sparse is None:
         DENSE_ONLY.add(prim)
-    rule = LapRule(dense, sparse, kind="bilinear", rewrite=rewrite)
+    taylor4 = taylor4_rules.bilinear_rule(ops or taylor4_rules.BilinearOps(prim))
+    rule = LapRule(dense, sparse, "bilinear", rewrite=rewrite, taylor4=taylor4)
     registry.register(prim, rule)

@@ -3,7 +3,9 @@
 A linear map has no second-order term: the output jacobian is the map applied to each
 direction and the output laplacian is the map applied to the input laplacian. In the
 sparse mode, structural primitives move block indices as they move values; the others
-are elementwise (aligned) or have their own sparse rule.
+are elementwise (aligned) or have their own sparse rule. The same `def_linear` /
+`def_zero` call gives the fourth-order pass its rule: the map applied to every Taylor
+coefficient, or no coefficients at all.
 """
 
 from typing import Any

@@ -20,6 +20,7 @@ from jax import lax
 
 from .. import registry
 from ..registry import LapRule
+from ..taylor4 import rules as taylor4_rules
 from ..zeros import is_zero, zero_jacobian, zero_laplacian
 from . import sparse_rules
 from .generic import generic_lap_rule
@@ -112,8 +113,10 @@ def _register() -> None:
     """
     bind = sparse_rules.bind
     sparse = bind(sparse_rules.reduce_rule, lax.reduce_sum_p)
+    taylor4 = taylor4_rules.linear_rule(lax.reduce_sum_p)  # linear in one operand
     registry.register(
-        lax.reduce_sum_p, LapRule(reduce_sum_rule, sparse, kind="reduction")
+        lax.reduce_sum_p,
+        LapRule(reduce_sum_rule, sparse, kind="reduction", taylor4=taylor4),
     )
     reductions = [(p, sparse_rules.reduce_rule) for p in _REDUCTIONS]
     cumulative = [(p, sparse_rules.cumulative_rule) for p in _CUMULATIVE]

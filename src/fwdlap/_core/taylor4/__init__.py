@@ -19,25 +19,29 @@ whose fourth moments are those of $|x|^4$, coefficients 1-3 are carried as the
 gradient, the packed second-order tensor and the once-contracted third-order tensor,
 $d(d+1)/2 + 2d$ rows, whatever the number of directions.
 
+It is a pass of the same core as the forward Laplacian: its rules are the `taylor4`
+field of the one rule table (`registry.rules`), registered by the same family helpers
+(`rules.families`) from the same descriptions of a primitive (an elementwise
+primitive's one derivative table, a linear primitive's map, a product's operands).
+
 Modules:
 
+- `series`: the pass's `Context` (the layout of the coefficients) and the symbolic
+  zeros of a series.
 - `trace`: `Taylor4Trace` / `Taylor4Tracer`, the flat driver `taylor4_flat` and the
   jaxpr transform `taylor4_jaxpr` used by the control-flow rules.
-- `rules`: the rule table (`rules.RULES`) with the `def_linear`, `def_elementwise`,
-  `def_bilinear` and `def_zero` helpers, the generic nested-JVP fallback and the
-  custom_jvp rule.
+- `rules`: the fourth-order rules of the families (linear, piecewise constant,
+  elementwise, bilinear, `div`), which the family helpers register.
+- `generic`: the rule of a primitive without one (nested JVPs); `custom`: that of a
+  `custom_jvp` function (its JVP rule differentiated).
 - `moments`: the exact designs and the moments-layout rules (elementwise, bilinear,
-  generic), which `rules` dispatches to when `Context.moments` is set.
+  generic), which the rules dispatch to when `Context.moments` is set.
 - `control_flow`: `scan`, `while` and `cond` (bodies transformed, carries found by a
-  fixpoint).
+  fixpoint), added to the control-flow entries of the table on import.
 
 Symbolic zeros (`Zero`) are never instantiated inside the pass, and a value whose four
 coefficients are all zero is not wrapped in a tracer.
-"""
 
-from . import control_flow as control_flow
-from .trace import Context as Context
-from .trace import Taylor4Trace as Taylor4Trace
-from .trace import Taylor4Tracer as Taylor4Tracer
-from .trace import taylor4_flat as taylor4_flat
-from .trace import taylor4_jaxpr as taylor4_jaxpr
+As for `rules`, this package imports none of its modules itself: the family helpers
+import `rules` while the table is being filled, before the trace can be imported.
+"""

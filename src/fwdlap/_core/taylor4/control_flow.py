@@ -4,7 +4,9 @@ Each rule turns the body (or branches) into a collapsed-Taylor jaxpr
 (`taylor4_jaxpr`) that takes and returns only the non-zero coefficients, interleaved
 after their primal. Loops find which carries have non-zero coefficients by a
 fixpoint, as JAX's JVP does. (`jit` and `remat` bodies, and a `cond` whose index is
-known while tracing, are inlined by the trace itself.)
+known while tracing, are inlined by the trace itself.) Importing this module adds the
+rules to the entries of the forward-Laplacian control-flow rules (`registry`), so it is
+imported after those.
 """
 
 from collections.abc import Sequence
@@ -13,17 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import _jax
+from .. import _jax, registry
 from ..zeros import is_zero
-from .rules import def_rule
-from .trace import (
-    Context,
-    Mask,
-    deinterleave,
-    interleave,
-    nonzero_mask,
-    taylor4_jaxpr,
-)
+from .series import Context, nonzero_mask
+from .trace import Mask, deinterleave, interleave, taylor4_jaxpr
 
 _NONE: Mask = (False, False, False, False)
 
@@ -54,6 +49,7 @@ def _fixpoint(
 
 
 def scan_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`scan`: the body over interleaved coefficients, scanned ones moved to axis 1."""
     num_consts, num_carry = params["num_consts"], params["num_carry"]
     body = params["jaxpr"]
     masks = _masks(series)
@@ -99,6 +95,7 @@ def scan_rule(ctx: Context, primals: Any, series: Any, **params: Any):
 
 
 def while_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`while`: the body over interleaved carries; the condition reads the primals."""
     cond_nconsts, body_nconsts = params["cond_nconsts"], params["body_nconsts"]
     cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
     masks = _masks(series)
@@ -152,6 +149,7 @@ def _cond_on_primals(
 
 
 def cond_rule(ctx: Context, primals: Any, series: Any, **params: Any):
+    """`cond` with a traced index: every branch returns the union of their masks."""
     branches = params["branches"]
     index, *ops = primals
     op_series = list(series[1:])
@@ -165,6 +163,6 @@ def cond_rule(ctx: Context, primals: Any, series: Any, **params: Any):
     return deinterleave(outs, out_m, ctx)
 
 
-def_rule(_jax.scan_p, scan_rule)
-def_rule(_jax.while_p, while_rule)
-def_rule(_jax.cond_p, cond_rule)
+registry.set_pass_rule(_jax.scan_p, taylor4=scan_rule)
+registry.set_pass_rule(_jax.while_p, taylor4=while_rule)
+registry.set_pass_rule(_jax.cond_p, taylor4=cond_rule)

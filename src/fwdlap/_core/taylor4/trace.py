@@ -5,10 +5,11 @@ A `Taylor4Tracer` carries `(primal, series)` with `series = (x1, x2, x3, X4)`: `
 and holds the fourth coefficient summed over the directions (with the context's
 signs). Any of the four may be a symbolic zero (`Zero`); a value whose four are all
 zero is never wrapped in a tracer. The structure follows JAX's own `JVPTrace`
-(`jax/_src/interpreters/ad.py`) and fwdlap's `LapTrace`.
+(`jax/_src/interpreters/ad.py`) and fwdlap's `LapTrace`; a primitive's rule is the
+`taylor4` field of its entry in the one rule table (`registry.rules`), and the
+generic nested-JVP rule where there is none.
 """
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,88 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _jax
-from ..zeros import instantiate, is_zero, zero_jacobian, zero_laplacian
-
-Series = tuple[Any, Any, Any, Any]
-"""`(x1, x2, x3, X4)`: three per-direction coefficients and the collapsed fourth."""
-
-ORDER = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What every rule of a pass needs: the layout of the coefficients.
-
-    In the *directions* layout (the default) coefficients 1-3 have a leading axis of
-    `n` directions, and `signs` is None when every direction enters the collapsed sum
-    with $+1$, else a tuple of $\\pm 1$ (hashable, so that transformed jaxprs can be
-    cached on it).
-
-    In the *moments* layout (`moments=True`, exact biharmonic only) `n` is the
-    dimension $d$ and the coefficients are the tensors themselves, contracted where
-    only their contraction is ever needed (see `moments`): coefficient 1 the $d$
-    first derivatives, 2 the $d(d+1)/2$ entries $i \\le j$ of the second Taylor
-    coefficient, 3 its third contracted once with the identity ($d$ rows).
-    """
-
-    n: int
-    signs: tuple[float, ...] | None = None
-    moments: bool = False
-
-    def rows(self, k: int) -> int | None:
-        """Rows of coefficient `k + 1` (None for the collapsed fourth)."""
-        if k == ORDER - 1:
-            return None
-        if self.moments and k == 1:
-            return self.n * (self.n + 1) // 2
-        return self.n
-
-    def collapse(self, rows: Any) -> Any:
-        """`sum_k s_k rows[k]` over the leading direction axis."""
-        return jnp.sum(self.signed(rows), axis=0)
-
-    def signed(self, rows: Any) -> Any:
-        """`s_k rows[k]` for every direction (the rows themselves without signs)."""
-        if self.signs is None:
-            return rows
-        s = np.asarray(self.signs, dtype=np.dtype(rows.dtype))
-        return rows * s.reshape((self.n,) + (1,) * (jnp.ndim(rows) - 1))
-
-
-def zero_coefficient(primal: Any, k: int, ctx: Context) -> Any:
-    """The symbolic zero of coefficient `k + 1` (`k` < 3: with rows)."""
-    rows = ctx.rows(k)
-    return zero_laplacian(primal) if rows is None else zero_jacobian(primal, rows)
-
-
-def zero_series(primal: Any, ctx: Context) -> Series:
-    return (
-        zero_coefficient(primal, 0, ctx),
-        zero_coefficient(primal, 1, ctx),
-        zero_coefficient(primal, 2, ctx),
-        zero_coefficient(primal, 3, ctx),
-    )
-
-
-def coefficient_aval(aval: Any, k: int, ctx: Context) -> Any:
-    tangent = aval.to_tangent_aval()
-    rows = ctx.rows(k)
-    if rows is not None:
-        return tangent.update(shape=(rows, *tangent.shape))
-    return tangent
-
-
-def is_zero_series(series: Sequence[Any]) -> bool:
-    return all(is_zero(t) for t in series)
-
-
-def nonzero_mask(series: Sequence[Any]) -> tuple[bool, ...]:
-    return tuple(not is_zero(t) for t in series)
-
-
-def _is_differentiable(primal: Any) -> bool:
-    return bool(jnp.issubdtype(jax.typeof(primal).dtype, jnp.inexact))
+from .. import _jax, registry
+from ..rules.control_flow import while_with_scalar_predicate
+from ..zeros import instantiate, is_zero
+from .custom import custom_jvp_rule
+from .generic import generic_rule
+from .series import (
+    ORDER,
+    Context,
+    Series,
+    coefficient_aval,
+    is_float,
+    is_zero_series,
+    nonzero_mask,
+    zero_coefficient,
+    zero_series,
+)
 
 
 class Taylor4Tracer(_jax.Tracer):
@@ -123,7 +58,7 @@ if not _jax.TRACER_INIT_TAKES_AVAL:  # JAX 0.9: `aval` is not a slot yet
 
 def maybe_tracer(trace: "Taylor4Trace", primal: Any, series: Sequence[Any]) -> Any:
     """Wrap in a `Taylor4Tracer` unless every coefficient is (symbolically) zero."""
-    if not _is_differentiable(primal) or is_zero_series(series):
+    if not is_float(primal) or is_zero_series(series):
         return primal
     full = tuple(
         zero_coefficient(primal, k, trace.ctx) if is_zero(t) else t
@@ -154,8 +89,6 @@ class Taylor4Trace(_jax.Trace):
         return maybe_tracer(self, primal, series)
 
     def process_primitive(self, primitive: Any, tracers: Any, params: Any, /) -> Any:
-        from . import rules  # the rules import this module
-
         primals, series = _unzip(map(self.to_pair, tracers))
         if all(is_zero_series(s) for s in series):
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
@@ -166,14 +99,13 @@ class Taylor4Trace(_jax.Trace):
                 outs = _jax.eval_jaxpr(closed.jaxpr, closed.consts, *args)
             return outs if primitive.multiple_results else outs[0]
         if primitive is _jax.while_p and params["cond_jaxpr"].out_avals[0].shape:
-            from ..rules.control_flow import while_with_scalar_predicate
-
             with _jax.set_current_trace(self):
                 return while_with_scalar_predicate(tracers, params)
-        rule = rules.RULES.get(primitive)
+        entry = registry.rules.get(primitive)
+        rule = None if entry is None else entry.taylor4
         with _jax.set_current_trace(self.parent_trace):
             if rule is None:
-                out = rules.generic_rule(self.ctx, primitive, primals, series, **params)
+                out = generic_rule(self.ctx, primitive, primals, series, **params)
             else:
                 out = rule(self.ctx, primals, series, **params)
         primal_out, series_out = out
@@ -193,14 +125,12 @@ class Taylor4Trace(_jax.Trace):
     def process_custom_jvp_call(
         self, primitive: Any, fun: Any, jvp: Any, tracers: Any, /, *, symbolic_zeros
     ) -> Any:
-        from . import rules
-
         primals, series = _unzip(map(self.to_pair, tracers))
         if all(is_zero_series(s) for s in series):
             params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
             return _jax.bind_with_trace(primitive, self.parent_trace, primals, params)
         with _jax.set_current_trace(self.parent_trace):
-            outs, series_out = rules.custom_jvp_rule(
+            outs, series_out = custom_jvp_rule(
                 self.ctx, primals, series, jvp, symbolic_zeros
             )
         return [maybe_tracer(self, p, s) for p, s in zip(outs, series_out, strict=True)]
@@ -265,7 +195,7 @@ def _unzip(pairs: Any) -> tuple[list[Any], list[Series]]:
 
 
 def _normalize(primal: Any, series: Sequence[Any], ctx: Context) -> Series:
-    if not _is_differentiable(primal):
+    if not is_float(primal):
         return zero_series(primal, ctx)
     return tuple(  # type: ignore[return-value]
         zero_coefficient(primal, k, ctx)
