@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.extend.core as jex_core
 import jax.extend.linear_util as lu
-import numpy as np
 from jax import core as jax_core
 from jax._src import api_util as _api_util
 from jax._src import core as src_core
@@ -174,58 +173,26 @@ def match_varying(x: Any, aval: Any) -> Any:
     return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
 
 
-# --- sparse mode --------------------------------------------------------------------
+# --- where tracers come from (constants.py, densification reports) ------------------
 
 is_user_filename = _source_info_util.is_user_filename  # for densification reports
 
 
-def concrete_value(x: Any) -> Any:
-    """`x` as a NumPy array if its value is known while tracing, else None.
+def producing_equation(tracer: Any) -> Any:
+    """The equation that made a staged tracer, or None (JAX >= 0.10 records it).
 
-    (Here rather than with the sparse rules because it walks JAX's private record of
-    how a tracer was made, which differs between versions.)
-
-    Under `jax.jit`, index arrays written as constants in user code reach primitives
-    as tracers (`jnp.asarray`, negative-index normalisation, ...). Their values are
-    recovered by evaluating their producing equations when these depend on constants
-    only (JAX >= 0.10 records each tracer's producing equation).
+    Returns an object with `primitive`, `params`, `in_tracers`, `outvars` and
+    `effects`; `tracer_var(tracer)` is among its `outvars`.
     """
-    if not isinstance(x, Tracer):
-        return np.asarray(x)
-    value = to_concrete_value(x)
-    if value is not None:
-        return np.asarray(value)
-    try:
-        return _fold_constant(x, _FOLD_DEPTH)
-    except Exception:  # noqa: BLE001 - anything unexpected means "not known"
-        return None
+    return getattr(tracer, "parent", None)
 
 
-_FOLD_DEPTH = 24
-_FOLD_MAX_SIZE = 1 << 20
+def tracer_var(tracer: Any) -> Any:
+    """The jaxpr variable a staged tracer stands for."""
+    return getattr(tracer, "val", None)
 
 
-def _fold_constant(tracer: Any, depth: int) -> Any:
+def tracer_constant(tracer: Any) -> Any:
+    """The value of a tracer that stands for a constant, or None."""
     get_const = getattr(tracer, "get_const", None)
-    if get_const is not None:
-        const = get_const()
-        if const is not None:
-            return np.asarray(const)
-    parent = getattr(tracer, "parent", None)
-    if parent is None or depth == 0 or parent.effects:
-        return None
-    if getattr(tracer.aval, "size", _FOLD_MAX_SIZE) >= _FOLD_MAX_SIZE:
-        return None
-    ins = []
-    for t in parent.in_tracers:
-        value = _fold_constant(t, depth - 1) if isinstance(t, Tracer) else t
-        if value is None:
-            return None
-        ins.append(value)
-    with jax.ensure_compile_time_eval():
-        outs = parent.primitive.bind(*ins, **parent.params)
-    outs = outs if parent.primitive.multiple_results else [outs]
-    for out, var in zip(outs, parent.outvars, strict=True):
-        if var is tracer.val:
-            return np.asarray(out)
-    return None
+    return None if get_const is None else get_const()

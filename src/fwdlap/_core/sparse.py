@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _jax
+from . import _jax, constants
 from .zeros import is_zero as _is_zero
 
 logger = logging.getLogger("fwdlap.sparse")
@@ -602,7 +602,7 @@ class SparseSpec:
 
 def sparsify_input(ctx: SparseContext, index: int, primal: Any, jac: Any) -> Any:
     """The block-sparse form of an input jacobian, if its values are known now."""
-    value = _jax.concrete_value(jac)
+    value = constants.concrete_value(jac)
     shape = tuple(np.shape(primal))
     if value is None:
         ctx.densified(

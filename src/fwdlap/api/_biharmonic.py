@@ -195,11 +195,11 @@ def biharmonic(
     - `probes`: `None` for the exact value, or the number $k$ of Gaussian probe
         directions of the stochastic estimate; `key` is then required.
     - `key`: a `jax.random` key for the probes.
-    - `chunk_size`: an int below the number of directions evaluates them in blocks
-        of this many inside a `jax.lax.scan` (each block a full pass in the direction
+    - `chunk_size`: an int below the number of directions evaluates them in chunks
+        of this many inside a `jax.lax.scan` (each chunk a full pass in the direction
         layout, one loop per sign of the weights), so that memory scales with the
-        block instead of with the number of directions; `None` is one pass. `"auto"`
-        (the default) uses blocks on the CPU where one pass would carry large
+        chunk instead of with the number of directions; `None` is one pass. `"auto"`
+        (the default) uses chunks on the CPU where one pass would carry large
         coefficient arrays, as [`fwdlap.laplacian`][] does, and one pass otherwise.
     - `has_aux`: as in `jax.grad`: `fun` returns a pair `(output, aux)`, only `output`
         is differentiated, and `aux` (any pytree of arrays) is returned as computed.

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _jax, registry, sparse
+from .. import _jax, constants, registry, sparse
 from ..layout import DENSE, ZERO, Mode, Tangents, stacked
 from ..registry import DECLINED, Fallback, LapRule
 from ..sparse import SparseContext, is_sparse
@@ -466,7 +466,7 @@ def _inline_known_branch(trace, tracers, primals, jacobians, laplacians, params)
     """The sparse mode inlines the branch of a `cond` whose index is known."""
     if not _has_sparse(trace, jacobians):
         return DECLINED
-    index = _jax.concrete_value(primals[0])
+    index = constants.concrete_value(primals[0])
     if index is None:
         return DECLINED
     branches = params["branches"]

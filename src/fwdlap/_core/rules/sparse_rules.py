@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _jax, registry, sparse
+from .. import constants, registry, sparse
 from ..registry import Fallback as Fallback
 from ..registry import LapRule
 from ..sparse import SparseContext, SparseJac, is_sparse
@@ -418,7 +418,7 @@ def _static_values(
         return Fallback("rule", f"{primitive} with a tangent on an index operand")
     if not needs_values:
         return []
-    values = [_jax.concrete_value(primals[i]) for i in static]
+    values = [constants.concrete_value(primals[i]) for i in static]
     if any(v is None for v in values):
         return Fallback(
             "rule", f"{primitive} with indices only known at run time (traced)"
@@ -631,7 +631,7 @@ def _scatter_fn(params, values):
 
 def dynamic_slice_rule(ctx, primitive, primals, jacs, laps, params):
     """Concrete starts copy exactly; traced starts take the union along sliced axes."""
-    starts = [_jax.concrete_value(s) for s in primals[1:]]
+    starts = [constants.concrete_value(s) for s in primals[1:]]
     if all(s is not None for s in starts):
         return _copy_rule((0,), _dynamic_slice_fn)(
             ctx, primitive, primals, jacs, laps, params

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _jax, registry
+from .. import _jax, constants, registry
 from ..rules.control_flow import while_with_scalar_predicate
 from ..zeros import instantiate, is_zero
 from .custom import custom_jvp_rule
@@ -176,7 +176,7 @@ def _inline_jaxpr(primitive: Any, params: Any, primals: Any) -> Any:
     if primitive is _jax.remat_p:
         return lambda tracers: (_jax.close_jaxpr(params["jaxpr"]), tracers)
     if primitive is _jax.cond_p:
-        index = _jax.concrete_value(primals[0])
+        index = constants.concrete_value(primals[0])
         if index is None:
             return None
         branches = params["branches"]
