@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.tree_util import Partial
 
 from . import _jax, sparse
 from .sparse import SparseSpec, WindowUnsupported, logger, muted
@@ -103,21 +102,10 @@ def lap_evaluate(
     return lap_flat_chunked(fun, primals, jacobians, laplacians, n, chunk)
 
 
-def linearize(
-    fun: Callable[..., Sequence[Any]],
-    primals: Sequence[Any],
-    example_jacobians: Sequence[Any],
-    example_laplacians: Sequence[Any],
-    n: int,
-) -> tuple[list[Any], Partial]:
-    """The primal outputs now and the tangent map for later (`lap_partial_flat`).
-
-    **Returns:**
-
-    The outputs and a `Partial` mapping `(jacobians, laplacians)` of `n` directions
-    to the outputs' `(jacobians, laplacians)`.
-    """
-    return lap_partial_flat(fun, primals, example_jacobians, example_laplacians, n)
+linearize = lap_partial_flat
+"""The primal outputs now and the tangent map for later: `lap_partial`'s door to
+`transform.lap_partial_flat`, which returns the outputs and a `Partial` mapping
+`(jacobians, laplacians)` of `n` directions to the outputs' ones."""
 
 
 class RowGroup(NamedTuple):

@@ -35,14 +35,13 @@ from ..registry import LapRule
 from ..taylor4 import rules as taylor4_rules
 from ..zeros import (
     add,
-    instantiate,
     is_zero,
     num_directions,
     zero_jacobian,
     zero_laplacian,
 )
 from . import sparse_rules
-from .generic import generic_lap_rule, primitive_jvp_fn
+from .generic import generic_lap_rule, jvp_rows, primitive_jvp_fn
 
 Derivatives = Callable[[Any, Any, dict[str, Any]], Iterable[Any]]
 """`(x, y, params) -> f'(x), f''(x), f'''(x), f''''(x)`, given the input `x` and the
@@ -240,20 +239,10 @@ def multi_linear_rule(prim: Any):
         nz = [i for i, j in enumerate(jacobians) if not is_zero(j)]
         n = num_directions(jacobians)
         if nz:
-            zero_flags: list[bool] = []
-
-            def one_direction(*v_nz: Any) -> list[Any]:
-                vs = [zero_laplacian(p) for p in primals]
-                for i, v in zip(nz, v_nz, strict=False):
-                    vs[i] = v
-                _, tangents = jvp_fn(primals, vs)
-                zero_flags[:] = [is_zero(t) for t in tangents]
-                return [instantiate(t) for t in tangents]
-
-            jac_out = jax.vmap(one_direction)(*[jacobians[i] for i in nz])
+            rows = jvp_rows(jvp_fn, primals, jacobians)
             jac_out = [
-                zero_jacobian(p, n) if z else j
-                for p, j, z in zip(outs, jac_out, zero_flags, strict=False)
+                zero_jacobian(p, n) if j is None else j
+                for p, j in zip(outs, rows, strict=False)
             ]
         else:
             jac_out = [zero_jacobian(p, n) for p in outs]

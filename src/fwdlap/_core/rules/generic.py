@@ -75,6 +75,33 @@ def primitive_jvp_fn(primitive: Any, params: dict[str, Any]) -> JvpFn:
     return jvp_fn
 
 
+def jvp_rows(jvp_fn: Any, primals: Sequence[Any], col: Sequence[Any]) -> list[Any]:
+    """`jvp_fn`'s output tangents along every row of `col`, vmapped over the rows.
+
+    `col` holds one stack of rows per input (jacobian directions, or Taylor
+    coefficients), or a symbolic zero. Returns one stack per output, None where the
+    tangent is a symbolic zero.
+    """
+    nz = [i for i, t in enumerate(col) if not is_zero(t)]
+    if not nz:
+        out = jax.eval_shape(
+            lambda: jvp_fn(primals, [zero_laplacian(p) for p in primals])
+        )
+        return [None] * len(out[0])
+    flags: list[bool] = []
+
+    def one(*rows: Any) -> list[Any]:
+        vs = [zero_laplacian(p) for p in primals]
+        for i, r in zip(nz, rows, strict=True):
+            vs[i] = r
+        _, ts = jvp_fn(primals, vs)
+        flags[:] = [is_zero(t) for t in ts]
+        return [instantiate(t) for t in ts]
+
+    res = jax.vmap(one)(*[col[i] for i in nz])
+    return [None if z else r for r, z in zip(res, flags, strict=True)]
+
+
 def laplacian_from_jvp(
     jvp_fn: JvpFn,
     primals: Sequence[Any],

@@ -12,35 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..rules.generic import primitive_jvp_fn
-from ..zeros import instantiate, is_zero, zero_laplacian
+from ..rules.generic import jvp_rows, primitive_jvp_fn
+from ..zeros import is_zero
 from . import moments
 from .series import Context, Series, is_float, opt, series_out, zero_series
 
 _sum = moments.sum_present
-
-
-def jvp_rows(jvp_fn: Any, primals: Sequence[Any], col: Sequence[Any]) -> list[Any]:
-    """The JVP applied to every row of the coefficients `col` (one per input), vmapped;
-    one entry per output, None where it is zero."""
-    nz = [i for i, t in enumerate(col) if not is_zero(t)]
-    if not nz:
-        out = jax.eval_shape(
-            lambda: jvp_fn(primals, [zero_laplacian(p) for p in primals])
-        )
-        return [None] * len(out[0])
-    flags: list[bool] = []
-
-    def one(*rows: Any) -> list[Any]:
-        vs = [zero_laplacian(p) for p in primals]
-        for i, r in zip(nz, rows, strict=True):
-            vs[i] = r
-        _, ts = jvp_fn(primals, vs)
-        flags[:] = [is_zero(t) for t in ts]
-        return [instantiate(t) for t in ts]
-
-    res = jax.vmap(one)(*[col[i] for i in nz])
-    return [None if z else r for r, z in zip(res, flags, strict=True)]
 
 
 def _derivatives(g: Callable[[Any], list[Any]], t: Any, order: int) -> list[Any]:
