@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from . import _jax, sparse
+from .platform import targets_cpu
 from .sparse import SparseSpec, WindowUnsupported, logger, muted
 from .transform import lap_flat, lap_partial_flat
 from .zeros import Zero, is_zero, zero_jacobian, zero_laplacian
@@ -174,22 +175,6 @@ def lap_flat_rows(
 
 
 # --- the "auto" policy ---------------------------------------------------------------
-
-
-def targets_cpu() -> bool:
-    """Whether the pass being traced is meant to run on a CPU.
-
-    Decided at trace time, from the device JAX places a computation on by default
-    (`jax.default_device`, else the default backend): what a jitted call runs on.
-    An AOT lowering for another platform is not seen; it gets the CPU's choice, which
-    is correct there too, only tuned for the CPU.
-    """
-    device = jax.config.jax_default_device  # pyright: ignore[reportAttributeAccessIssue]
-    if isinstance(device, str):
-        return device == "cpu"
-    if device is not None:
-        return getattr(device, "platform", None) == "cpu"
-    return jax.default_backend() == "cpu"
 
 
 def chunk_size_for(

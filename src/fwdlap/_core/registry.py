@@ -49,6 +49,7 @@ from typing import Any
 import jax
 
 from . import _jax
+from .platform import targets_cpu
 
 Rule = Callable[..., Any]
 
@@ -173,4 +174,4 @@ def state() -> tuple[Any, ...]:
     backend is part of it because some rules emit backend-specific code (see
     `rules.reduction`).
     """
-    return (tuple(map(id, rules.values())), jax.default_backend())
+    return (tuple(map(id, rules.values())), targets_cpu())

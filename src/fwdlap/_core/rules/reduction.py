@@ -19,6 +19,7 @@ import jax
 from jax import lax
 
 from .. import registry
+from ..platform import targets_cpu
 from ..registry import LapRule
 from ..taylor4 import rules as taylor4_rules
 from ..zeros import is_zero, zero_jacobian, zero_laplacian
@@ -74,7 +75,7 @@ def sum_axes(x: Any, axes: Sequence[int], params: dict[str, Any]) -> Any:
     """
     # An explicit output sharding belongs to the reduction; keep it whole. Other
     # backends keep it too: the slowness, and the gain, were measured on the CPU.
-    sliceable = params.get("out_sharding") is None and jax.default_backend() == "cpu"
+    sliceable = params.get("out_sharding") is None and targets_cpu()
     reduced: list[int] = []
     for axis in sorted((a % x.ndim for a in axes), reverse=True):
         if sliceable and 0 < x.shape[axis] <= MAX_SLICED_AXIS:
