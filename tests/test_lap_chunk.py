@@ -34,8 +34,11 @@ def _arrays(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _wide(x: jax.Array) -> jax.Array:
-    """A function of 48 coordinates whose intermediates hold 48 x 400 values each."""
-    h = jnp.tanh(x[:, None] * WIDE[None, :])
+    """A function of 48 coordinates whose intermediates hold 48 x 400 values each.
+
+    The mean makes every value depend on every coordinate: the jacobians are dense.
+    """
+    h = jnp.tanh(x[:, None] * WIDE[None, :] + jnp.mean(x))
     return jnp.sum(jnp.sin(h) * h) + jnp.sum(x**2)
 
 

@@ -35,7 +35,7 @@ from jax import lax
 
 from . import _jax, sparse
 from .platform import targets_cpu
-from .sparse import SparseSpec, WindowUnsupported, logger, muted
+from .sparse import SparseSpec, WindowUnsupported, logger, muted, seed_blocks
 from .transform import lap_flat, lap_partial_flat
 from .zeros import Zero, is_zero, zero_jacobian, zero_laplacian
 
@@ -77,6 +77,7 @@ def lap_evaluate(
     n: int,
     chunk_size: ChunkSize,
     sparsity: SparseSpec | None = None,
+    blocks: bool = True,
 ) -> Triple:
     """`lap_flat`, its directions evaluated as `chunk_size` says.
 
@@ -87,6 +88,8 @@ def lap_evaluate(
         chunk size; in the sparse mode it bounds the dense jacobians to windows of
         whole particle blocks (the block-sparse ones are computed once).
     - `sparsity`: the block-sparse mode, or None.
+    - `blocks`: without `sparsity`, whether unit-vector seeds keep their particle
+        blocks until the first operation that mixes them (`sparse.seed_blocks`).
 
     **Returns:**
 
@@ -94,6 +97,8 @@ def lap_evaluate(
     tangents possibly symbolic zeros. Results agree with one pass up to
     floating-point reordering.
     """
+    if sparsity is None and blocks:
+        sparsity = seed_blocks(jacobians, n)
     if sparsity is not None and n > 0:
         args = (primals, jacobians, laplacians)
         return _lap_flat_sparse(fun, *args, n, sparsity, chunk_size)

@@ -17,3 +17,12 @@ def targets_cpu() -> bool:
     if device is not None:
         return getattr(device, "platform", None) == "cpu"
     return jax.default_backend() == "cpu"
+
+
+def under_mesh() -> bool:
+    """Whether the pass is traced under a mesh (`jax.set_mesh`, explicit sharding).
+
+    Values then carry sharding in their types, which the block-sparse layout does not
+    follow: the default pass stays dense there (`sparse.seed_blocks`).
+    """
+    return not jax.sharding.get_abstract_mesh().empty

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _jax, constants
+from . import _jax, constants, platform
 from .zeros import is_zero as _is_zero
 
 logger = logging.getLogger("fwdlap.sparse")
@@ -211,6 +211,8 @@ class SparseContext:
     max_blocks: int
     on_densify: str
     window: Window | None = None
+    # A pass the user did not ask to be sparse (`seed_blocks`) reports nothing.
+    quiet: bool = False
     # (primitive, source line) already warned about in this pass: warn once each.
     warned: set[tuple[str, str | None]] = dataclasses.field(
         default_factory=set, compare=False, hash=False, repr=False
@@ -251,7 +253,7 @@ class SparseContext:
         self, primitive: Any, cause: str, reason: str, shape: Any, blocks: int = 0
     ) -> None:
         """Report a densification: record it, log it, and warn or raise if asked."""
-        if _muted.get():
+        if _muted.get() or self.quiet:
             return
         event = Densification(
             primitive=str(primitive),
@@ -578,6 +580,7 @@ class SparseSpec:
     block_size: int | None = None
     threshold: int | None = None
     on_densify: str = "warn"
+    quiet: bool = False
 
     def resolve(self, n: int, window: Window | None = None) -> SparseContext:
         block_size = self.block_size
@@ -596,8 +599,44 @@ class SparseSpec:
         else:
             max_blocks = max(1, self.threshold // block_size)
         return SparseContext(
-            block_size, num_blocks, max_blocks, self.on_densify, window
+            block_size, num_blocks, max_blocks, self.on_densify, window, self.quiet
         )
+
+
+def seed_blocks(jacobians: Sequence[Any], n: int) -> SparseSpec | None:
+    """The sparse mode that keeps seeds' particle blocks until they mix, if it applies.
+
+    The dense mode's input jacobians are often unit vectors (the identity that
+    `fwdlap.laplacian` builds, or a user's `jnp.eye`): then every input element
+    depends on one block of directions, and so do the values of the first layers of a
+    many-particle function, until an operation mixes particles. Carrying those values
+    block-sparse skips the work on their zero rows (the first layers' products at
+    `num_blocks` times fewer rows). The returned spec densifies at the first value
+    that depends on two blocks, from where the pass is the dense one, and reports
+    nothing: the user asked for no sparsity. None (the plain dense pass) unless every
+    non-zero input jacobian is known while tracing and depends on one block per
+    element, and there are at least two blocks, and no mesh is set (the layout does
+    not carry sharded types).
+    """
+    if platform.under_mesh():
+        return None
+    spec = SparseSpec(on_densify="ignore", quiet=True)
+    block = spec.resolve(n).block_size if n > 0 else 0
+    if n < 2 * max(block, 1):
+        return None
+    live = [j for j in jacobians if not _is_zero(j)]
+    if not live:
+        return None
+    for jac in live:
+        if getattr(jac, "size", 0) > constants.FOLD_MAX_SIZE:
+            return None
+        value = constants.concrete_value(jac)
+        if value is None or value.shape[:1] != (n,):
+            return None
+        _, idx = from_dense_concrete(value, block)
+        if count_blocks(idx) > 1:
+            return None
+    return SparseSpec(block, block, "ignore", quiet=True)
 
 
 def sparsify_input(ctx: SparseContext, index: int, primal: Any, jac: Any) -> Any:

@@ -169,8 +169,15 @@ def lap(
         argument: direction `k` is the `k`-th slice of every leaf.
     - `laplacians`: the input laplacian, with the structure of `primals`; each leaf
         has its primal leaf's shape. Usually all zero: pass `None` for each argument.
-    - `sparsity`: `None` (the default) for dense jacobians, or the block-sparse mode:
-        `True`, an int threshold or a [`fwdlap.Sparsity`][]. The sparse mode reads
+    - `sparsity`: `None` (the default) for dense jacobians, `False` for dense
+        jacobians without the shortcut below, or the block-sparse mode: `True`, an
+        int threshold or a [`fwdlap.Sparsity`][]. With `None`, jacobians known while
+        tracing whose every element depends on one particle block (unit vectors:
+        `np.eye(n)`, or `jnp.eye(n)` even inside `jax.jit`) are kept in those blocks
+        until the first operation that mixes particles, so that the first layers of
+        a many-particle function skip their zero rows; from there the pass is
+        dense, nothing is reported, and results are the dense pass's up to
+        floating-point reordering. The sparse mode reads
         the zero pattern of each jacobian leaf from its values, so they must be known
         while tracing: NumPy arrays, JAX arrays created outside `jax.jit`, or (with
         JAX >= 0.10) arrays computed inside `jax.jit` from constants only, such as
@@ -242,7 +249,7 @@ def lap(
     flat_fun = _flat_fun(_LAP, fun, checked.treedef, store, has_aux)
     args = (list(checked.primals), list(checked.jacobians), list(checked.laplacians))
     outs, jacs, laps = evaluate.lap_evaluate(
-        flat_fun, *args, checked.n, chunk_size, spec
+        flat_fun, *args, checked.n, chunk_size, spec, blocks=sparsity is not False
     )
     outs, aux = store.split(outs)
     jacs, laps = jacs[: store.num_out], laps[: store.num_out]

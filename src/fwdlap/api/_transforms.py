@@ -20,6 +20,7 @@ from jax.core import Tracer
 
 from .._core import evaluate
 from .._core.evaluate import ChunkSize
+from .._core.sparse import SparseSpec
 from .._core.zeros import zero_laplacian, zero_tangent_from_primal
 from ._checks import (
     ChunkSizeArg,
@@ -579,9 +580,9 @@ def _evaluate(
             flat_fun, arg.leaves, jacs_in, zero_laps, 0, None
         )
         num = 0
-    elif sparsity is not None:  # identity seeds only (checked by the callers)
+    elif (spec := _sparse_spec(api, sparsity, groups, arg)) is not None:
+        # Identity seeds only (checked by the callers), block-sparse.
         eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
-        spec = to_spec(api, sparsity)
         outs, jacs, laps = evaluate.lap_evaluate(
             flat_fun,
             arg.leaves,
@@ -607,6 +608,29 @@ def _evaluate(
         jacs = [_densify(a, j, (num,)) for a, j in zip(avals, jacs, strict=False)]
         rows_out = unflatten(jacs)
     return unflatten(outs), unflatten(laps), rows_out, aux
+
+
+def _sparse_spec(
+    api: str, sparsity: Any, groups: list[_Seeds], arg: _Argument
+) -> SparseSpec | None:
+    """The sparse mode of a pass: the user's, or the seeds' particle blocks.
+
+    Without `sparsity` (None) the unit-vector seeds of a plain Laplacian keep their
+    particle blocks until the first operation that mixes particles
+    (`evaluate.seed_blocks`); `sparsity=False` asks for the plain dense pass.
+    """
+    if sparsity is False:
+        return None
+    if sparsity is not None:
+        return to_spec(api, sparsity)
+    if groups != [_Seeds(arg.dim, 1.0)] or arg.dim > _SEED_BLOCKS_MAX_DIM:
+        return None
+    eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
+    return evaluate.seed_blocks(_split_rows_flat(eye, arg), arg.dim)
+
+
+_SEED_BLOCKS_MAX_DIM = 1024
+"""Past this many coordinates the identity is not built to find its blocks."""
 
 
 def _row_group(seeds: _Seeds, arg: _Argument) -> evaluate.RowGroup:
@@ -683,8 +707,15 @@ def laplacian(
         loops carry them), makes windows of about 8 particles.
     - `probes`: if given, the number $k$ of random probe vectors of a stochastic
         (Hutchinson) estimate; `key` is then required.
-    - `sparsity`: `None` (the default) for the dense pass, or the block-sparse mode:
-        `True`, an int threshold or a [`fwdlap.Sparsity`][]. It pays off when the
+    - `sparsity`: `None` (the default) for the dense pass, `False` for the dense pass
+        without its first-layer shortcut, or the block-sparse mode: `True`, an int
+        threshold or a [`fwdlap.Sparsity`][]. By default (`None`, and without
+        `weights` or `probes`) the unit directions keep their particle blocks (of 3
+        coordinates when their number is a multiple of 3, else 1) until the first
+        operation that mixes particles, and the pass is dense from there: the
+        first layers of a many-particle function skip their zero rows. Nothing is
+        reported and the results are the dense pass's up to floating-point
+        reordering; `False` turns this off. The block-sparse mode pays off when the
         function's early layers act on one particle (block of coordinates) at a time,
         as in FermiNet- or Psiformer-shaped wavefunctions. It cannot be combined with
         `weights` or `probes`. With `chunk_size` as well, there is still one sparse
@@ -844,7 +875,9 @@ def value_grad_and_laplacian(
         chunks of 8 to 32 where one pass's jacobians would be large, on the CPU
         (and, in the sparse mode, windows of about 8 particles for the dense
         jacobians where those are large).
-    - `sparsity`: as in `fwdlap.laplacian`: `None`, `True`, an int threshold or a
+    - `sparsity`: as in `fwdlap.laplacian`: `None` (dense, the unit directions
+        kept in particle blocks until the first operation that mixes particles),
+        `False` (dense throughout), or `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
     - `has_aux`: as in `jax.value_and_grad`: `fun` returns a pair `(value, aux)` with
@@ -934,9 +967,9 @@ def value_grad_and_laplacian(
 
 
 def _check_sparsity(api: str, sparsity: Any, **others: bool) -> Any:
-    """`sparsity` if the sparse mode is on (validated), else None."""
+    """`sparsity` if the sparse mode is on (validated), else None or False."""
     if to_spec(api, sparsity) is None:
-        return None
+        return False if sparsity is False else None
     clashes = [name for name, given in others.items() if given]
     if clashes:
         raise ValueError(
