@@ -222,6 +222,11 @@ def elementwise(
     return [g_out, a_out, c_out, q_out]
 
 
+def _row(x: Any) -> Any:
+    """`x` as a single row (None stays None)."""
+    return None if x is None else x[None]
+
+
 def bilinear(
     dim: int,
     ops: Any,
@@ -237,8 +242,11 @@ def bilinear(
     ga, aa, ca, qa = sa
     gb, ab, cb, qb = sb
     out = ops.plain(a, b, params)
-    left = stacked(lambda r: ops.rows_left(r, b, params), [ga, aa, ca])
-    right = stacked(lambda r: ops.rows_right(a, r, params), [gb, ab, cb])
+    # `q` rides in the same call as the rows: on its own, `q`'s chain through the
+    # layers (small products and reductions) is fused by XLA's CPU backend into one
+    # kernel at the end of the pass, which keeps every layer's rows alive until then.
+    left = stacked(lambda r: ops.rows_left(r, b, params), [ga, aa, ca, _row(qa)])
+    right = stacked(lambda r: ops.rows_right(a, r, params), [gb, ab, cb, _row(qb)])
 
     def psum(x: Any, y: Any) -> Any:
         return None if x is None or y is None else ops.pairs_sum(x, y, params)
@@ -276,8 +284,8 @@ def bilinear(
     a_out = sum_present(left[1], right[1], cross_a)
     c_out = sum_present(left[2], right[2], _scale(1 / 3, c_cross))
     q_out = sum_present(
-        None if qa is None else ops.plain(qa, b, params),
-        None if qb is None else ops.plain(a, qb, params),
+        None if left[3] is None else left[3][0],
+        None if right[3] is None else right[3][0],
         psum(ga, cb),
         psum(ca, gb),
         _scale(1 / 3, q_cross),
