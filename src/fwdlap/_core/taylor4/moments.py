@@ -146,6 +146,14 @@ def trace(a: Any, dim: int) -> Any:
     return sum((a[off[i]] for i in range(1, dim)), a[off[0]])
 
 
+def frobenius(a: Any, dim: int) -> Any:
+    """`|A|_F^2` of packed `A`: twice the sum of all squares less the diagonal's."""
+    # Not `sum(mult * a * a)`: XLA materialises the broadcast of a constant over rows.
+    off = _offsets(dim)
+    diag = sum((a[off[i]] * a[off[i]] for i in range(1, dim)), a[off[0]] * a[off[0]])
+    return 2 * jnp.sum(a * a, axis=0) - diag
+
+
 def pair_rows(x: Any, y: Any, dim: int) -> tuple[Any, Any]:
     """`(X, Y)` with `X[p] = x_i`, `Y[p] = y_j` for the packed pairs `p = (i, j)`."""
     xs = [jnp.broadcast_to(x[i], (dim - i, *x.shape[1:])) for i in range(dim)]
@@ -191,7 +199,6 @@ def elementwise(
 ) -> list[Any]:
     """`(g, A, c, q)` of `phi(x)` from phi's four derivatives at `x` (None: zero)."""
     d1, d2, d3, d4 = derivs
-    mult = pairs(dim)[2]
     g_out = mul_all(d1, g)
     gg = None if g is None else jnp.sum(g * g, axis=0)
     a_out = sum_present(
@@ -202,7 +209,7 @@ def elementwise(
     quad = None
     frob = None
     if a is not None:
-        frob = jnp.sum(_rows_col(mult, a) * a * a, axis=0)
+        frob = frobenius(a, dim)
         if g is not None:
             ag = matvec(a, g, dim)
             quad = jnp.sum(ag * g, axis=0)
@@ -222,6 +229,11 @@ def elementwise(
     return [g_out, a_out, c_out, q_out]
 
 
+def _row(x: Any) -> Any:
+    """`x` as a single row (None stays None)."""
+    return None if x is None else x[None]
+
+
 def bilinear(
     dim: int,
     ops: Any,
@@ -237,8 +249,11 @@ def bilinear(
     ga, aa, ca, qa = sa
     gb, ab, cb, qb = sb
     out = ops.plain(a, b, params)
-    left = stacked(lambda r: ops.rows_left(r, b, params), [ga, aa, ca])
-    right = stacked(lambda r: ops.rows_right(a, r, params), [gb, ab, cb])
+    # `q` rides in the same call as the rows: on its own, `q`'s chain through the
+    # layers (small products and reductions) is fused by XLA's CPU backend into one
+    # kernel at the end of the pass, which keeps every layer's rows alive until then.
+    left = stacked(lambda r: ops.rows_left(r, b, params), [ga, aa, ca, _row(qa)])
+    right = stacked(lambda r: ops.rows_right(a, r, params), [gb, ab, cb, _row(qb)])
 
     def psum(x: Any, y: Any) -> Any:
         return None if x is None or y is None else ops.pairs_sum(x, y, params)
@@ -276,8 +291,8 @@ def bilinear(
     a_out = sum_present(left[1], right[1], cross_a)
     c_out = sum_present(left[2], right[2], _scale(1 / 3, c_cross))
     q_out = sum_present(
-        None if qa is None else ops.plain(qa, b, params),
-        None if qb is None else ops.plain(a, qb, params),
+        None if left[3] is None else left[3][0],
+        None if right[3] is None else right[3][0],
         psum(ga, cb),
         psum(ca, gb),
         _scale(1 / 3, q_cross),
