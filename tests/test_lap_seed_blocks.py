@@ -87,9 +87,7 @@ def test_value_grad_and_laplacian_default(f: Callable[..., Any]) -> None:
 @pytest.mark.parametrize("f", PER_PARTICLE)
 def test_default_keeps_first_layer_blocks(f: Callable[..., Any]) -> None:
     blocked = _first_layer_shapes(jax.make_jaxpr(fwdlap.laplacian(f))(X))
-    dense = _first_layer_shapes(
-        jax.make_jaxpr(fwdlap.laplacian(f, sparsity=False))(X)
-    )
+    dense = _first_layer_shapes(jax.make_jaxpr(fwdlap.laplacian(f, sparsity=False))(X))
     assert (3 * N, N, WIDTH) in dense
     assert (3, N, WIDTH) in blocked
     assert (3 * N, N, WIDTH) not in blocked

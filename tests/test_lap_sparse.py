@@ -1072,7 +1072,7 @@ def test_particle_mlp_stays_sparse_until_the_sum() -> None:
     assert events[0].blocks == N_BIG
     # The dense pass holds (3N, N, WIDTH) hidden-layer jacobians; the sparse one
     # (3, N, WIDTH): one particle's block per element.
-    jaxpr_dense = jax.make_jaxpr(fwdlap.laplacian(particle_mlp_sum))(x)
+    jaxpr_dense = jax.make_jaxpr(fwdlap.laplacian(particle_mlp_sum, sparsity=False))(x)
     full = (3 * N_BIG, N_BIG, WIDTH)
     assert full in jaxpr_shapes(jaxpr_dense)
     assert full not in jaxpr_shapes(jaxpr_sparse)

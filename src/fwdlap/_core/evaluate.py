@@ -89,7 +89,8 @@ def lap_evaluate(
         whole particle blocks (the block-sparse ones are computed once).
     - `sparsity`: the block-sparse mode, or None.
     - `blocks`: without `sparsity`, whether unit-vector seeds keep their particle
-        blocks until the first operation that mixes them (`sparse.seed_blocks`).
+        blocks until the first operation that mixes them (`sparse.seed_blocks`);
+        not with an int `chunk_size`, which asks for dense chunks of directions.
 
     **Returns:**
 
@@ -97,7 +98,7 @@ def lap_evaluate(
     tangents possibly symbolic zeros. Results agree with one pass up to
     floating-point reordering.
     """
-    if sparsity is None and blocks:
+    if sparsity is None and blocks and chunk_size in (None, AUTO):
         sparsity = seed_blocks(jacobians, n)
     if sparsity is not None and n > 0:
         args = (primals, jacobians, laplacians)

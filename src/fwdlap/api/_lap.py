@@ -171,7 +171,8 @@ def lap(
         has its primal leaf's shape. Usually all zero: pass `None` for each argument.
     - `sparsity`: `None` (the default) for dense jacobians, `False` for dense
         jacobians without the shortcut below, or the block-sparse mode: `True`, an
-        int threshold or a [`fwdlap.Sparsity`][]. With `None`, jacobians known while
+        int threshold or a [`fwdlap.Sparsity`][]. With `None` (and `chunk_size`
+        `None` or `"auto"`; an int asks for dense chunks), jacobians known while
         tracing whose every element depends on one particle block (unit vectors:
         `np.eye(n)`, or `jnp.eye(n)` even inside `jax.jit`) are kept in those blocks
         until the first operation that mixes particles, so that the first layers of

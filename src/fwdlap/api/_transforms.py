@@ -580,7 +580,7 @@ def _evaluate(
             flat_fun, arg.leaves, jacs_in, zero_laps, 0, None
         )
         num = 0
-    elif (spec := _sparse_spec(api, sparsity, groups, arg)) is not None:
+    elif (spec := _sparse_spec(api, sparsity, groups, arg, chunk_size)) is not None:
         # Identity seeds only (checked by the callers), block-sparse.
         eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
         outs, jacs, laps = evaluate.lap_evaluate(
@@ -611,19 +611,28 @@ def _evaluate(
 
 
 def _sparse_spec(
-    api: str, sparsity: Any, groups: list[_Seeds], arg: _Argument
+    api: str,
+    sparsity: Any,
+    groups: list[_Seeds],
+    arg: _Argument,
+    chunk_size: ChunkSize,
 ) -> SparseSpec | None:
     """The sparse mode of a pass: the user's, or the seeds' particle blocks.
 
     Without `sparsity` (None) the unit-vector seeds of a plain Laplacian keep their
     particle blocks until the first operation that mixes particles
-    (`evaluate.seed_blocks`); `sparsity=False` asks for the plain dense pass.
+    (`evaluate.seed_blocks`), unless an int `chunk_size` asks for dense chunks;
+    `sparsity=False` asks for the plain dense pass.
     """
     if sparsity is False:
         return None
     if sparsity is not None:
         return to_spec(api, sparsity)
-    if groups != [_Seeds(arg.dim, 1.0)] or arg.dim > _SEED_BLOCKS_MAX_DIM:
+    if (
+        groups != [_Seeds(arg.dim, 1.0)]
+        or arg.dim > _SEED_BLOCKS_MAX_DIM
+        or chunk_size not in (None, evaluate.AUTO)
+    ):
         return None
     eye = np.eye(arg.dim, dtype=np.dtype(arg.dtype))
     return evaluate.seed_blocks(_split_rows_flat(eye, arg), arg.dim)
@@ -709,8 +718,9 @@ def laplacian(
         (Hutchinson) estimate; `key` is then required.
     - `sparsity`: `None` (the default) for the dense pass, `False` for the dense pass
         without its first-layer shortcut, or the block-sparse mode: `True`, an int
-        threshold or a [`fwdlap.Sparsity`][]. By default (`None`, and without
-        `weights` or `probes`) the unit directions keep their particle blocks (of 3
+        threshold or a [`fwdlap.Sparsity`][]. By default (`None`, without `weights`
+        or `probes`, and with `chunk_size` `None` or `"auto"`; an int asks for dense
+        chunks of directions) the unit directions keep their particle blocks (of 3
         coordinates when their number is a multiple of 3, else 1) until the first
         operation that mixes particles, and the pass is dense from there: the
         first layers of a many-particle function skip their zero rows. Nothing is
