@@ -474,7 +474,9 @@ QUICK = {
     "quick_sizes": {"psiformer": (8,), "particle_mlp": (32,), "ferminet_paper": (7,)},
     "model_methods": {"ferminet_paper": QUICK_FAITHFUL_METHODS},
     "methods": tuple(
-        m for m in METHODS if m not in ("folx_sparse", "jvp_of_grad", "floor")
+        m
+        for m in METHODS
+        if m not in ("folx_sparse", "jvp_of_grad", "floor", "fwdlap_sparse_chunked")
     ),
     "repeats": 3,
     "timeout_s": 120.0,
