@@ -22,7 +22,19 @@ def targets_cpu() -> bool:
 def under_mesh() -> bool:
     """Whether the pass is traced under a mesh (`jax.set_mesh`, explicit sharding).
 
-    Values then carry sharding in their types, which the block-sparse layout does not
-    follow: the default pass stays dense there (`sparse.seed_blocks`).
+    Values then carry the mesh in their types, and constants that the pass brings in
+    must carry it too (`on_context_mesh`).
     """
     return not jax.sharding.get_abstract_mesh().empty
+
+
+def on_context_mesh(constant: jax.Array) -> jax.Array:
+    """`constant` replicated on the mesh set by `jax.set_mesh`, if one is set.
+
+    A NumPy constant brought into a trace has no mesh in its type, and JAX's batching
+    rules cannot combine it with values that carry one (explicitly sharded walkers
+    under `jax.vmap`). Without a mesh, `constant` is returned as it is.
+    """
+    if not under_mesh():
+        return constant
+    return jax.sharding.reshard(constant, jax.sharding.PartitionSpec())

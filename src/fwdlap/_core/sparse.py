@@ -499,7 +499,7 @@ def _one_hot(idx: np.ndarray, num_blocks: int, window: Window | None) -> Any:
     shape = (window.blocks, *([1] * ndim))
     blocks = window.start + jnp.arange(window.blocks, dtype=jnp.int32).reshape(shape)
     # Blocks past the last one (a padded final window) match no slot.
-    return jnp.asarray(idx, jnp.int32)[None] == blocks
+    return platform.on_context_mesh(jnp.asarray(idx, jnp.int32))[None] == blocks
 
 
 def densify(
@@ -615,11 +615,8 @@ def seed_blocks(jacobians: Sequence[Any], n: int) -> SparseSpec | None:
     that depends on two blocks, from where the pass is the dense one, and reports
     nothing: the user asked for no sparsity. None (the plain dense pass) unless every
     non-zero input jacobian is known while tracing and depends on one block per
-    element, and there are at least two blocks, and no mesh is set (the layout does
-    not carry sharded types).
+    element, and there are at least two blocks.
     """
-    if platform.under_mesh():
-        return None
     spec = SparseSpec(on_densify="ignore", quiet=True)
     block = spec.resolve(n).block_size if n > 0 else 0
     if n < 2 * max(block, 1):
@@ -664,4 +661,5 @@ def sparsify_input(ctx: SparseContext, index: int, primal: Any, jac: Any) -> Any
             blocks,
         )
         return jac
-    return SparseJac(jnp.asarray(data, jax.typeof(jac).dtype), idx, ctx.block_size)
+    data = jnp.asarray(data, jax.typeof(jac).dtype)
+    return SparseJac(platform.on_context_mesh(data), idx, ctx.block_size)
