@@ -16,7 +16,9 @@ configurations at once, the arithmetic no forward pass can go below).
 
 ``--check`` also measures each method's largest relative error against a float64
 ``jax.hessian`` reference (computed once in a subprocess, cached in
-``benchmarks/results/cache`` like the runner's). ``--densifications`` lists where
+``benchmarks/results/cache`` like the runner's), and its ratio to float32
+``jax.hessian``'s error (past 16 electrons, where that hangs, to the error of the
+``loop`` row, if timed). ``--densifications`` lists where
 fwdlap's sparse mode made jacobians dense (``fwdlap.record_densifications``).
 ``--profile DIR`` writes a ``jax.profiler`` trace of 3 calls of each method (per-op
 times, for Perfetto).
@@ -81,6 +83,28 @@ def reference(model_name: str, n: int, batch: int, seed: int):
         )
         tmp.replace(path)
     return np.load(path)["laplacian"]
+
+
+REF_ERROR_SOURCE = (
+    "float32 jax.hessian's largest relative error (unbatched)",
+    "the float32 jvp-of-grad loop's (jax.hessian hangs past 16 electrons)",
+)
+"""What the errors are compared with, at up to 16 electrons and past them."""
+
+
+def reference_error(model, xs, ref, rows: dict, n: int) -> float | None:
+    """The float32 error each method's is compared with, or None without `--check`.
+
+    Float32 `jax.hessian`'s error, computed unbatched, up to 16 electrons; past them
+    (where it hangs) the error of the jvp-of-grad loop's row, when it was timed.
+    """
+    from benchmarks.cell import hessian_f32_error
+
+    if ref is None:
+        return None
+    if n <= 16:
+        return hessian_f32_error(model, xs, ref)
+    return rows.get("ferminet_loop", {}).get("err")
 
 
 def densifications(model) -> None:
@@ -173,18 +197,20 @@ def time_model(args, model_name: str) -> None:
         if "trace_s" in rows.get(m, {})
     ]
     best_folx_start = min(folx_start) if folx_start else None
+    ref_err = reference_error(model, xs, ref, rows, system.n)
 
     def f(value, spec):
         return "-" if value is None else format(value, spec)
 
     print(
         "\n| method | trace s | compile s | GFLOP | temp MiB | ms median | ms min "
-        "| vs best folx | vs floor | start-up vs best folx | max rel err |"
+        "| vs best folx | vs floor | start-up vs best folx | max rel err "
+        "| err / ref err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         if "note" in row:
-            print(f"| {name} | {row['note']} |" + " |" * 9)
+            print(f"| {name} | {row['note']} |" + " |" * 10)
             continue
         ms = row.get("ms")
         start_up = row["trace_s"] + row["compile_s"]
@@ -196,8 +222,12 @@ def time_model(args, model_name: str) -> None:
             f"{f(ms / best_folx if ms and best_folx else None, '.2f')} | "
             f"{f(ms / floor if ms and floor else None, '.2f')} | "
             f"{f(start_up / best_folx_start if best_folx_start else None, '.2f')} | "
-            f"{f(row.get('err'), '.1e')} |"
+            f"{f(row.get('err'), '.1e')} | "
+            f"{f(row['err'] / ref_err if ref_err and 'err' in row else None, '.2f')} |"
         )
+    if ref_err:
+        source = REF_ERROR_SOURCE[system.n > 16]
+        print(f"\nerr / ref err: against {ref_err:.1e}, {source}")
     if args.profile:
         profile(compiled, xs, args.profile, model_name)
     if args.densifications:

@@ -139,3 +139,19 @@ def test_electrons_sit_by_charge() -> None:
         "O2",
         "Ge",
     ]
+
+
+def test_startup_parses_methods_and_the_network() -> None:
+    from benchmarks import startup
+
+    args = startup.parse_args(["--methods", "fwdlap_dense,network,folx_t6"])
+    assert args.methods == ["fwdlap", "network", "folx_sparse"]
+
+
+def test_startup_measures_a_compile() -> None:
+    from benchmarks import startup
+
+    row = startup.measure("ferminet_paper", "Li", "network", batch=2)
+    assert row["trace_s"] > 0 and row["compile_s"] > 0
+    # The compiled network holds at least its own operations.
+    assert row["instructions"] > row["fusions"] > 0
