@@ -7,10 +7,12 @@ ratios hold on a loaded machine::
     python -m benchmarks.published --system N --model ferminet \\
         --methods fwdlap_dense,folx_t6,floor --repeats 20
 
-For every method it prints the trace time (Python to jaxpr), the XLA lower + compile
-time, XLA's flop count (``cost_analysis``; a loop body counts once, so it undercounts
-``ferminet_loop`` and chunked passes), the temporary memory, the median and minimum
-run time of one ``jit(vmap(lap_fn))`` call on a batch of 16, and the ratios to the
+For every method it prints the trace time (Python to jaxpr; the network itself is
+traced and compiled once first, so that no method pays for the others' JAX caches),
+the XLA lower + compile time, XLA's flop count (``cost_analysis``; a loop body counts
+once, so it undercounts ``ferminet_loop`` and chunked passes), the temporary memory,
+the median and minimum run time of one ``jit(vmap(lap_fn))`` call on a batch of 16,
+and the ratios to the
 better folx row and to the forward floor (``floor``: the network on ``n + 2``
 configurations at once, the arithmetic no forward pass can go below).
 
@@ -145,6 +147,10 @@ def time_model(args, model_name: str) -> None:
     ref = reference(model_name, system.n, args.batch, args.seed) if args.check else None
     rows: dict[str, dict] = {}
     compiled = {}
+    # JAX caches the traces of the network's own operations: trace the network once so
+    # that the first method timed does not pay for the others (`benchmarks.startup`
+    # times each method in a fresh process instead).
+    jax.jit(jax.vmap(model.fn)).trace(xs).lower().compile()
     for name in args.methods:
         row: dict = {}
         rows[name] = row
