@@ -12,9 +12,8 @@ traced and compiled once first, so that no method pays for the others' JAX cache
 the XLA lower + compile time, XLA's flop count (``cost_analysis``; a loop body counts
 once, so it undercounts ``ferminet_loop`` and chunked passes), the temporary memory,
 the median and minimum run time of one ``jit(vmap(lap_fn))`` call on a batch of 16,
-and the ratios to the
-better folx row and to the forward floor (``floor``: the network on ``n + 2``
-configurations at once, the arithmetic no forward pass can go below).
+and the ratios to the better folx row and to the forward floor (``floor``: the network
+on ``n + 2`` configurations at once, the arithmetic no forward pass can go below).
 
 ``--check`` also measures each method's largest relative error against a float64
 ``jax.hessian`` reference (computed once in a subprocess, cached in
