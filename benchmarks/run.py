@@ -471,7 +471,12 @@ QUICK_FAITHFUL_METHODS = ("hessian", "folx_dense", "fwdlap", "fwdlap_sparse", "f
 QUICK = {
     "models": ("mlp", "ferminet", "psiformer", "particle_mlp", "pinn", FAITHFUL[0]),
     "sizes": (8, 16),
-    "quick_sizes": {"psiformer": (8,), "particle_mlp": (32,), "ferminet_paper": (7,)},
+    "quick_sizes": {
+        "ferminet": (8,),
+        "psiformer": (8,),
+        "particle_mlp": (32,),
+        "ferminet_paper": (7,),
+    },
     "model_methods": {"ferminet_paper": QUICK_FAITHFUL_METHODS},
     "methods": tuple(
         m
