@@ -45,7 +45,14 @@ def _float_to_int(x):
     return (jnp.arange(x.size, dtype=jnp.float32) * 1.5).astype(jnp.int32)
 
 
+def _float_scalars(x):
+    # Float32 arithmetic and comparisons with scalar constants, rounded as XLA does.
+    r = jnp.arange(x.size, dtype=jnp.float32) * 0.1 + 1e-8
+    return jnp.stack([r, (r < 0.3).astype(jnp.float32), r * r - 0.01])
+
+
 CASES = [
+    _float_scalars,
     _eye,
     _shifted_eye,
     _index_arithmetic,

@@ -67,7 +67,13 @@ def _evaluate(eqn: Any, ins: list) -> list:
     numpy_rule = _NUMPY_RULES.get(eqn.primitive.name)
     if numpy_rule is not None and len(eqn.outvars) == 1:
         dtype = np.dtype(eqn.outvars[0].aval.dtype)
-        out = numpy_rule([np.asarray(x) for x in ins], **eqn.params)
+        # Each operand in its traced dtype, so that NumPy computes in the dtype XLA
+        # would, whatever type a constant's value is stored in.
+        arrays = [
+            np.asarray(x, getattr(getattr(t, "aval", None), "dtype", None))
+            for x, t in zip(ins, eqn.in_tracers, strict=True)
+        ]
+        out = numpy_rule(arrays, **eqn.params)
         if out is not None:
             return [np.asarray(out).astype(dtype, copy=False)]
     with jax.ensure_compile_time_eval():
