@@ -255,16 +255,26 @@ def profile(compiled: dict, xs, out_dir: str, model_name: str) -> None:
         print(f"profile of {name}: {path}")
 
 
+def add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """`--system` and `--model` (a network, or `both`), shared with `startup`."""
+    p.add_argument("--system", default="N", choices=sorted(faithful.SYSTEMS))
+    p.add_argument(
+        "--model", default="ferminet", choices=[*MODELS, "both"], help="network"
+    )
+
+
+def chosen_models(args: argparse.Namespace) -> list[str]:
+    """The model registry names that `--model` names."""
+    return list(MODELS.values()) if args.model == "both" else [MODELS[args.model]]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parses the script's command line."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.published",
         description=(__doc__ or "").splitlines()[0],
     )
-    p.add_argument("--system", default="N", choices=sorted(faithful.SYSTEMS))
-    p.add_argument(
-        "--model", default="ferminet", choices=[*MODELS, "both"], help="network"
-    )
+    add_network_arguments(p)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
@@ -291,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    chosen = list(MODELS.values()) if args.model == "both" else [MODELS[args.model]]
-    for model_name in chosen:
+    for model_name in chosen_models(args):
         time_model(args, model_name)
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 
 from benchmarks import faithful, methods, models
-from benchmarks.published import MODELS, resolve_methods
+from benchmarks.published import add_network_arguments, chosen_models, resolve_methods
 
 NETWORK = "network"
 """The pseudo-method that compiles the network alone (no derivative)."""
@@ -127,10 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m benchmarks.startup",
         description=(__doc__ or "").splitlines()[0],
     )
-    p.add_argument("--system", default="N", choices=sorted(faithful.SYSTEMS))
-    p.add_argument(
-        "--model", default="ferminet", choices=[*MODELS, "both"], help="network"
-    )
+    add_network_arguments(p)
     p.add_argument("--methods", default="fwdlap,folx_dense,folx_t6,floor,network")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
@@ -154,8 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    chosen = list(MODELS.values()) if args.model == "both" else [MODELS[args.model]]
-    for model_name in chosen:
+    for model_name in chosen_models(args):
         table(model_name, args)
 
 
