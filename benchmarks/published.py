@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from benchmarks import faithful, methods, models
 from benchmarks.cell import relative_error, short_error, xla_flops
@@ -131,6 +132,18 @@ def densifications(model) -> None:
             print(f"  {count}x {prim} ({cause}) shape {shape} at {where}")
 
 
+def trace_and_compile(fn, xs) -> tuple[Any, float, float]:
+    """`jit(vmap(fn))` compiled for `xs`, its trace seconds and its compile seconds."""
+    import jax
+
+    start = time.perf_counter()
+    traced = jax.jit(jax.vmap(fn)).trace(xs)
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = traced.lower().compile()
+    return compiled, trace_s, time.perf_counter() - start
+
+
 def time_model(args, model_name: str) -> None:
     """Prepares and times every method on one model; prints the table."""
     import jax
@@ -159,12 +172,7 @@ def time_model(args, model_name: str) -> None:
             row["note"] = f"n/a: {err}"
             continue
         try:
-            start = time.perf_counter()
-            traced = jax.jit(jax.vmap(lap_fn)).trace(xs)
-            trace_s = time.perf_counter() - start
-            start = time.perf_counter()
-            fn = traced.lower().compile()
-            compile_s = time.perf_counter() - start
+            fn, trace_s, compile_s = trace_and_compile(lap_fn, xs)
         except Exception as err:  # a half-finished rule should cost one row only
             row["note"] = f"error: {short_error(err)}"
             print(f"  {name}: {row['note']}", flush=True)

@@ -25,10 +25,14 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 
 from benchmarks import faithful, methods, models
-from benchmarks.published import add_network_arguments, chosen_models, resolve_methods
+from benchmarks.published import (
+    add_network_arguments,
+    chosen_models,
+    resolve_methods,
+    trace_and_compile,
+)
 
 NETWORK = "network"
 """The pseudo-method that compiles the network alone (no derivative)."""
@@ -36,7 +40,6 @@ NETWORK = "network"
 
 def measure(model_name: str, system_name: str, method: str, batch: int) -> dict:
     """Traces and compiles one method in this process; returns the timings."""
-    import jax
 
     system = faithful.SYSTEMS[system_name]
     model = models.build(model_name, system.n, 0)
@@ -45,12 +48,7 @@ def measure(model_name: str, system_name: str, method: str, batch: int) -> dict:
         fn = model.fn
     else:
         fn = methods.make_laplacian(method, models.method_input(model, method))
-    start = time.perf_counter()
-    traced = jax.jit(jax.vmap(fn)).trace(xs)
-    trace_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = traced.lower().compile()
-    compile_s = time.perf_counter() - start
+    compiled, trace_s, compile_s = trace_and_compile(fn, xs)
     hlo = compiled.as_text() or ""
     return {
         "trace_s": trace_s,
