@@ -56,14 +56,22 @@ def short_error(err: BaseException) -> str:
 
 
 def run_reference(args: argparse.Namespace) -> None:
-    """Saves float64 ``f(x)`` and ``tr(hessian f)(x)`` for the cell's batch."""
+    """Saves float64 ``f(x)`` and ``tr(hessian f)(x)`` for the cell's batch.
+
+    With ``--weight-noise`` the network's parameters are perturbed first
+    (:func:`benchmarks.faithful.perturbed_weights`).
+    """
     import jax
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import numpy as np
 
-    model = models.build(args.model, args.n, args.seed, jnp.float64)
+    from benchmarks import faithful
+
+    # The sampler depends on the system only: perturbed weights leave `xs` as it is.
+    with faithful.perturbed_weights(args.weight_noise, args.noise_seed):
+        model = models.build(args.model, args.n, args.seed, jnp.float64)
     xs = models.sample_configs(model, args.batch, args.seed + 1).astype(jnp.float64)
     lap_fn = jax.jit(methods.hessian(model.fn))
     f_fn = jax.jit(model.fn)
@@ -256,7 +264,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--n", type=parse_n, required=True)
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--seed", type=int, default=0)
-    sub.choices["reference"].add_argument("--out", required=True)
+    reference = sub.choices["reference"]
+    reference.add_argument("--out", required=True)
+    reference.add_argument(
+        "--weight-noise",
+        type=float,
+        default=0.0,
+        help="multiply each parameter of a faithful network by 1 + this * U(-1, 1)",
+    )
+    reference.add_argument("--noise-seed", type=int, default=0)
     timing = sub.choices["time"]
     timing.add_argument("--ref", default=None, help="npz from `reference`")
     timing.add_argument(

@@ -33,7 +33,8 @@ The orbital and envelope parameters are drawn near the papers' initialisation
 (``pi = sigma = 1``) with a 10% spread so that the determinants are not degenerate.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jax
@@ -171,9 +172,41 @@ def linear(p: Params, h: jax.Array) -> jax.Array:
     return out + p["b"] if "b" in p else out
 
 
+_WEIGHT_NOISE: list[tuple[float, np.random.Generator]] = []
+"""The active :func:`perturbed_weights` setting, if any (innermost last)."""
+
+
+@contextlib.contextmanager
+def perturbed_weights(relative: float, seed: int) -> Iterator[None]:
+    """Networks built inside have every parameter multiplied by ``1 + relative * u``.
+
+    ``u`` is uniform in ``[-1, 1]``, drawn per entry from ``seed``. With ``relative``
+    the float32 unit roundoff, evaluating such a network in float64 shows how much
+    the Laplacian moves under rounding-sized changes of the weights alone, a measure
+    of its conditioning (``benchmarks.accuracy``). A ``relative`` of 0 changes
+    nothing.
+    """
+    if not relative:
+        yield
+        return
+    _WEIGHT_NOISE.append((relative, np.random.default_rng(seed)))
+    try:
+        yield
+    finally:
+        _WEIGHT_NOISE.pop()
+
+
 def cast(tree, dtype):
-    """Casts every leaf of ``tree`` to ``dtype``."""
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+    """Casts every leaf of ``tree`` to ``dtype`` (perturbed in `perturbed_weights`)."""
+    if not _WEIGHT_NOISE:
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+    relative, rng = _WEIGHT_NOISE[-1]
+
+    def perturb(a):
+        a = np.asarray(a, np.float64)
+        return jnp.asarray(a * (1 + relative * rng.uniform(-1, 1, a.shape)), dtype)
+
+    return jax.tree_util.tree_map(perturb, tree)
 
 
 def electron_nucleus(r: jax.Array, nuclei: jax.Array) -> tuple[jax.Array, jax.Array]:

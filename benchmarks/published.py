@@ -19,7 +19,9 @@ on ``n + 2`` configurations at once, the arithmetic no forward pass can go below
 ``jax.hessian`` reference (computed once in a subprocess, cached in
 ``benchmarks/results/cache`` like the runner's), and its ratio to float32
 ``jax.hessian``'s error (past 16 electrons, where that hangs, to the error of the
-``loop`` row, if timed). ``--densifications`` lists where
+``loop`` row, if timed). That largest error over 16 walkers is set by one walker and
+moves with the order of float32 additions (between CPUs too): ``benchmarks.accuracy``
+measures errors over more walkers. ``--densifications`` lists where
 fwdlap's sparse mode made jacobians dense (``fwdlap.record_densifications``).
 ``--profile DIR`` writes a ``jax.profiler`` trace of 3 calls of each method (per-op
 times, for Perfetto).
@@ -65,21 +67,37 @@ def resolve_methods(text: str) -> list[str]:
     return names
 
 
-def reference(model_name: str, n: int, batch: int, seed: int):
-    """Float64 Laplacians of the batch (cached), computed in a subprocess."""
+def reference(
+    model_name: str,
+    n: int,
+    batch: int,
+    seed: int,
+    weight_noise: float = 0.0,
+    noise_seed: int = 0,
+):
+    """Float64 Laplacians of the batch (cached), computed in a subprocess.
+
+    With ``weight_noise`` the network's weights are perturbed first (see
+    :func:`benchmarks.faithful.perturbed_weights`).
+    """
     import numpy as np
 
     from benchmarks import run
 
     cfg = argparse.Namespace(batch=batch, seed=seed)
     path = run.reference_path(cfg, model_name, n)  # type: ignore[arg-type]
+    noise_args = []
+    if weight_noise:
+        path = path.with_name(f"{path.stem}-noise{weight_noise:.3g}-{noise_seed}.npz")
+        noise_args = ["--weight-noise", repr(weight_noise)]
+        noise_args += ["--noise-seed", str(noise_seed)]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
         print(f"computing the float64 reference ({path.name}) ...", flush=True)
         cmd = [sys.executable, "-m", "benchmarks.cell", "reference"]
         cmd += ["--model", model_name, "--n", str(n), "--batch", str(batch)]
-        cmd += ["--seed", str(seed), "--out", str(tmp)]
+        cmd += ["--seed", str(seed), "--out", str(tmp), *noise_args]
         subprocess.run(
             cmd, check=True, env=run.child_env(), cwd=run.REPO_ROOT, stdout=sys.stderr
         )

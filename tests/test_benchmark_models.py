@@ -155,3 +155,50 @@ def test_startup_measures_a_compile() -> None:
     assert row["trace_s"] > 0 and row["compile_s"] > 0
     # The compiled network holds at least its own operations.
     assert row["instructions"] > row["fusions"] > 0
+
+
+@pytest.mark.parametrize("relative", [0.0, 2.0**-24, 1e-3])
+def test_perturbed_weights_stay_within_their_bound(relative: float) -> None:
+    weights = {"w": np.linspace(-2.0, 3.0, 101), "b": np.ones(7)}
+    with faithful.perturbed_weights(relative, seed=3):
+        cast = faithful.cast(weights, jnp.float64)
+    for name, exact in weights.items():
+        change = np.abs(np.asarray(cast[name]) - exact)
+        assert np.all(change <= relative * np.abs(exact) * (1 + 1e-12))
+        assert np.any(change > 0) == (relative > 0)
+    # Outside the context the weights are cast unchanged.
+    plain = faithful.cast(weights, jnp.float64)
+    assert all(np.array_equal(plain[k], weights[k]) for k in weights)
+
+
+def test_perturbed_network_moves_a_little() -> None:
+    name = "ferminet_paper"
+    model = small_model(name, "Li")
+    with faithful.perturbed_weights(1e-6, seed=0):
+        perturbed = small_model(name, "Li")
+    x = walker(model)
+    exact, moved = float(model.fn(x)), float(perturbed.fn(x))
+    assert exact != moved
+    assert abs(moved - exact) <= 1e-4 * abs(exact)
+
+
+def test_accuracy_summary_per_batch() -> None:
+    from benchmarks import accuracy
+
+    ref = np.array([1.0, -2.0, 4.0, 0.5])
+    lap = ref * np.array([1.0 + 1e-3, 1.0, 1.0 - 4e-3, 1.0 + 2e-3])
+    errors = accuracy.relative_errors(lap, ref)
+    np.testing.assert_allclose(errors, [1e-3, 0.0, 4e-3, 2e-3], rtol=1e-9, atol=1e-15)
+    row = accuracy.summary(errors, batch=2)
+    np.testing.assert_allclose(row["per_batch"], [1e-3, 4e-3], rtol=1e-9)
+    assert row["max"] == pytest.approx(4e-3)
+    assert row["rms"] == pytest.approx(np.sqrt((1 + 16 + 4) / 4) * 1e-3)
+    assert row["median"] == pytest.approx(1.5e-3)
+
+
+def test_accuracy_parses_methods() -> None:
+    from benchmarks import accuracy
+
+    args = accuracy.parse_args(["--methods", "fwdlap_dense,loop", "--system", "N"])
+    assert args.methods == ["fwdlap", "ferminet_loop"]
+    assert args.system == ["N"] and args.walkers == 64
