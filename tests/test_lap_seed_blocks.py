@@ -1,12 +1,13 @@
-"""The default pass keeps unit seeds' particle blocks until the first mixing operation.
+"""The default pass keeps unit seeds' particle blocks until values mix many particles.
 
 With `sparsity=None`, `fwdlap.laplacian`, `fwdlap.value_grad_and_laplacian` and
 `fwdlap.lap` with an identity (`np.eye`, or `jnp.eye` inside `jax.jit`) carry the
-values of the first, per-particle layers block-sparse and turn dense where particles
-mix. Results are checked against `jax.hessian` / `jax.grad`; the jaxpr shapes show
-that the first layer's jacobian has one block's rows, not all `3N`; and nothing is
-reported, since the user asked for no sparsity. `sparsity=False` is the plain dense
-pass.
+values of the first, per-particle layers block-sparse, and pair features too when
+there are at least four particles, and turn dense where a value depends on more
+particles. Results are checked against `jax.hessian` / `jax.grad`; the jaxpr shapes
+show that the first layer's jacobian has one block's rows, not all `3N`, and a pair
+layer's two blocks' rows; and nothing is reported, since the user asked for no
+sparsity. `sparsity=False` is the plain dense pass.
 """
 
 import warnings
@@ -46,6 +47,20 @@ def per_particle_then_attention(x: jax.Array) -> jax.Array:
 def mixes_at_once(x: jax.Array) -> jax.Array:
     """An MLP on the flat coordinates: the first product mixes everything."""
     return jnp.sum(jnp.cos(jnp.tanh(x @ W_FLAT) @ W2[:WIDTH]))
+
+
+PAIR_WIDTH = 4  # width of the pair stream (no other value has it)
+W_PAIR = jnp.asarray(RNG.normal(size=PAIR_WIDTH))
+W_OUT = jnp.asarray(RNG.normal(size=(PAIR_WIDTH, 3)) / 2)
+
+
+def pair_stream(x: jax.Array) -> jax.Array:
+    """A layer on pair distances, then a mean over partners (FermiNet's pair stream)."""
+    r = x.reshape(-1, 3)
+    diff = r[:, None, :] - r[None, :, :]
+    dist = jnp.sqrt(jnp.sum(diff**2, axis=-1) + 1.0)
+    h2 = jnp.tanh(dist[..., None] * W_PAIR)
+    return jnp.sum(jnp.tanh(jnp.mean(h2, axis=1) @ W_OUT) ** 2)
 
 
 FUNCTIONS = [per_particle_then_mean, per_particle_then_attention, mixes_at_once]
@@ -117,7 +132,7 @@ def test_lap_with_dense_directions_is_dense() -> None:
     np.testing.assert_allclose(lap, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("f", FUNCTIONS)
+@pytest.mark.parametrize("f", [*FUNCTIONS, pair_stream])
 def test_default_reports_nothing(f: Callable[..., Any]) -> None:
     with (
         warnings.catch_warnings(),
@@ -150,4 +165,46 @@ def test_one_particle_is_dense() -> None:
     x = X[:3]
     np.testing.assert_allclose(
         fwdlap.laplacian(f)(x), reference_laplacian(f, x), rtol=1e-5, atol=1e-6
+    )
+
+
+def _pair_layer_rows(jaxpr: Any, n: int) -> set[int]:
+    """Row counts of the pair layer's jacobian products `(rows, n, n, PAIR_WIDTH)`."""
+    rows = set()
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name in ("dot_general", "mul"):
+            shape = tuple(eqn.outvars[0].aval.shape)
+            if len(shape) == 4 and shape[1:] == (n, n, PAIR_WIDTH):
+                rows.add(shape[0])
+    return rows
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_pair_stream_matches_hessian(jit: bool) -> None:
+    lap_fn = fwdlap.laplacian(pair_stream)
+    lap = (jax.jit(lap_fn) if jit else lap_fn)(X)
+    expected = reference_laplacian(pair_stream, X)
+    np.testing.assert_allclose(lap, expected, rtol=1e-5, atol=1e-6)
+    _, grad, lap = jax.jit(fwdlap.value_grad_and_laplacian(pair_stream))(X)
+    np.testing.assert_allclose(grad, jax.grad(pair_stream)(X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lap, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_keeps_pairs_in_two_blocks() -> None:
+    blocked = _pair_layer_rows(jax.make_jaxpr(fwdlap.laplacian(pair_stream))(X), N)
+    dense = jax.make_jaxpr(fwdlap.laplacian(pair_stream, sparsity=False))(X)
+    assert _pair_layer_rows(dense, N) == {3 * N}
+    assert blocked == {2 * 3}
+
+
+def test_three_particles_make_pairs_dense() -> None:
+    # With three particles two blocks are most of the rows: pairs are carried dense.
+    x = X[:9]
+    rows = _pair_layer_rows(jax.make_jaxpr(fwdlap.laplacian(pair_stream))(x), 3)
+    assert rows == {9}
+    np.testing.assert_allclose(
+        fwdlap.laplacian(pair_stream)(x),
+        reference_laplacian(pair_stream, x),
+        rtol=1e-5,
+        atol=1e-6,
     )

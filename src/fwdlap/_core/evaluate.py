@@ -89,7 +89,7 @@ def lap_evaluate(
         whole particle blocks (the block-sparse ones are computed once).
     - `sparsity`: the block-sparse mode, or None.
     - `blocks`: without `sparsity`, whether unit-vector seeds keep their particle
-        blocks until the first operation that mixes them (`sparse.seed_blocks`);
+        blocks until values mix more than two of them (`sparse.seed_blocks`);
         not with an int `chunk_size`, which asks for dense chunks of directions.
 
     **Returns:**

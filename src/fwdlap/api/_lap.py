@@ -175,10 +175,11 @@ def lap(
         `None` or `"auto"`; an int asks for dense chunks), jacobians known while
         tracing whose every element depends on one particle block (unit vectors:
         `np.eye(n)`, or `jnp.eye(n)` even inside `jax.jit`) are kept in those blocks
-        until the first operation that mixes particles, so that the first layers of
-        a many-particle function skip their zero rows; from there the pass is
-        dense, nothing is reported, and results are the dense pass's up to
-        floating-point reordering. The sparse mode reads
+        until a value depends on more than one particle (more than two, pair
+        features, from four particles up), so that the first layers of a
+        many-particle function skip their zero rows; from there the pass is dense,
+        nothing is reported, and results are the dense pass's up to floating-point
+        reordering. The sparse mode reads
         the zero pattern of each jacobian leaf from its values, so they must be known
         while tracing: NumPy arrays, JAX arrays created outside `jax.jit`, or (with
         JAX >= 0.10) arrays computed inside `jax.jit` from constants only, such as

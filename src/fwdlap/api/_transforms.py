@@ -620,7 +620,7 @@ def _sparse_spec(
     """The sparse mode of a pass: the user's, or the seeds' particle blocks.
 
     Without `sparsity` (None) the unit-vector seeds of a plain Laplacian keep their
-    particle blocks until the first operation that mixes particles
+    particle blocks until values mix more than two particles
     (`evaluate.seed_blocks`), unless an int `chunk_size` asks for dense chunks;
     `sparsity=False` asks for the plain dense pass.
     """
@@ -721,9 +721,10 @@ def laplacian(
         threshold or a [`fwdlap.Sparsity`][]. By default (`None`, without `weights`
         or `probes`, and with `chunk_size` `None` or `"auto"`; an int asks for dense
         chunks of directions) the unit directions keep their particle blocks (of 3
-        coordinates when their number is a multiple of 3, else 1) until the first
-        operation that mixes particles, and the pass is dense from there: the
-        first layers of a many-particle function skip their zero rows. Nothing is
+        coordinates when their number is a multiple of 3, else 1) until a value
+        depends on more than one particle (more than two, pair features, from four
+        particles up), and the pass is dense from there: the first layers of a
+        many-particle function skip their zero rows. Nothing is
         reported and the results are the dense pass's up to floating-point
         reordering; `False` turns this off. The block-sparse mode pays off when the
         function's early layers act on one particle (block of coordinates) at a time,
@@ -886,7 +887,7 @@ def value_grad_and_laplacian(
         (and, in the sparse mode, windows of about 8 particles for the dense
         jacobians where those are large).
     - `sparsity`: as in `fwdlap.laplacian`: `None` (dense, the unit directions
-        kept in particle blocks until the first operation that mixes particles),
+        kept in particle blocks until values mix more than two particles),
         `False` (dense throughout), or `True`, an int threshold or a
         [`fwdlap.Sparsity`][] for the block-sparse mode; it combines with
         `chunk_size`.
