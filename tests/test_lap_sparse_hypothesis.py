@@ -5,7 +5,8 @@ steps from a menu: per-particle maps (which keep the jacobians block-sparse), ma
 mix particles (means, attention, pair terms, permutations, sums over particles, loops
 and conditionals over them) and products of two earlier values, then reduces to a
 scalar. Each program runs in the sparse mode with one window, with windows of particles,
-and with a low threshold, and is compared with `jax.jacfwd` and the trace of
+and with a low threshold, and in the default pass (which keeps particle blocks and
+pairs of them until values mix more particles), and is compared with `jax.jacfwd` and the trace of
 `jax.jacfwd(jax.jacfwd(f))` (which handles `while_loop` too).
 """
 
@@ -117,6 +118,8 @@ MODES: dict[str, dict[str, Any]] = {
         "sparsity": fwdlap.Sparsity(threshold=3),
         "chunk_size": 3,
     },
+    # The default pass: particle blocks, and pairs of them, until values mix more.
+    "default": {},
 }
 
 
