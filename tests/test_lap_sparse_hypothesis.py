@@ -6,8 +6,8 @@ mix particles (means, attention, pair terms, permutations, sums over particles, 
 and conditionals over them) and products of two earlier values, then reduces to a
 scalar. Each program runs in the sparse mode with one window, with windows of particles,
 and with a low threshold, and in the default pass (which keeps particle blocks and
-pairs of them until values mix more particles), and is compared with `jax.jacfwd` and the trace of
-`jax.jacfwd(jax.jacfwd(f))` (which handles `while_loop` too).
+pairs of them until values mix more particles), and is compared with `jax.jacfwd`
+and the trace of `jax.jacfwd(jax.jacfwd(f))` (which handles `while_loop` too).
 """
 
 from collections.abc import Callable
