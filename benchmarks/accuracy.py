@@ -31,21 +31,13 @@ import argparse
 import sys
 
 from benchmarks import faithful, methods, models, published
+from benchmarks.cell import hessian_f32_laplacians, relative_errors
 
 DEFAULT_METHODS = "fwdlap,fwdlap_sparse,folx_dense,folx_t6,loop"
 """Methods measured when ``--methods`` is not given (``published``'s aliases)."""
 
 UNIT_ROUNDOFF = 2.0**-24
 """Float32's unit roundoff: the relative size of the weights' perturbations."""
-
-
-def relative_errors(lap, ref):
-    """Per-walker ``|lap - ref| / |ref|`` (``|ref|`` floored as in ``--check``)."""
-    import numpy as np
-
-    lap = np.asarray(lap, np.float64)
-    floor = 1e-6 * float(np.max(np.abs(ref))) + 1e-30
-    return np.abs(lap - ref) / np.maximum(np.abs(ref), floor)
 
 
 def batched(fn, xs, batch: int):
@@ -66,8 +58,7 @@ def method_errors(name: str, model, xs, ref, batch: int):
     import jax
 
     if name == "hessian":
-        lap_fn = jax.jit(methods.hessian(model.fn))
-        return relative_errors([float(lap_fn(x)) for x in xs], ref)
+        return relative_errors(hessian_f32_laplacians(model, xs), ref)
     try:
         lap_fn = methods.make_laplacian(name, models.method_input(model, name))
     except methods.Unavailable as err:
@@ -106,6 +97,11 @@ def summary(errors, batch: int) -> dict:
     }
 
 
+def ratio(value: float) -> str:
+    """A ratio with two decimals, or in scientific notation below 0.01."""
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.1e}"
+
+
 def print_table(rows: dict, reference_name: str | None) -> None:
     """One markdown table: a row per method, ratios to ``reference_name``'s row."""
     print(
@@ -122,9 +118,9 @@ def print_table(rows: dict, reference_name: str | None) -> None:
         if isinstance(ref, dict) and name != reference_name:
             per_batch = row["per_batch"] / ref["per_batch"]
             ratios = [
-                f"{row['max'] / ref['max']:.2f}",
-                f"{row['rms'] / ref['rms']:.2f}",
-                f"{per_batch.min():.2f}-{per_batch.max():.2f}",
+                ratio(row["max"] / ref["max"]),
+                ratio(row["rms"] / ref["rms"]),
+                f"{ratio(per_batch.min())}-{ratio(per_batch.max())}",
             ]
         print(
             f"| {name} | {row['max']:.1e} | {row['rms']:.1e} | {row['median']:.1e} | "

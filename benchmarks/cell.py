@@ -69,6 +69,11 @@ def run_reference(args: argparse.Namespace) -> None:
 
     from benchmarks import faithful
 
+    if args.weight_noise and args.model not in faithful.BUILDERS:
+        raise SystemExit(
+            f"--weight-noise perturbs the networks of benchmarks/faithful.py only "
+            f"({sorted(faithful.BUILDERS)}), not {args.model!r}."
+        )
     # The sampler depends on the system only: perturbed weights leave `xs` as it is.
     with faithful.perturbed_weights(args.weight_noise, args.noise_seed):
         model = models.build(args.model, args.n, args.seed, jnp.float64)
@@ -87,13 +92,20 @@ def run_reference(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------- timing
 
 
-def relative_error(lap, ref) -> float:
-    """Max over the batch of ``|lap - ref| / |ref|`` (``|ref|`` floored tiny)."""
+def relative_errors(lap, ref):
+    """Per-configuration ``|lap - ref| / |ref|`` (``|ref|`` floored tiny)."""
     import numpy as np
 
     lap = np.asarray(lap, np.float64)
     floor = 1e-6 * float(np.max(np.abs(ref))) + 1e-30
-    return float(np.max(np.abs(lap - ref) / np.maximum(np.abs(ref), floor)))
+    return np.abs(lap - ref) / np.maximum(np.abs(ref), floor)
+
+
+def relative_error(lap, ref) -> float:
+    """Max over the batch of :func:`relative_errors`."""
+    import numpy as np
+
+    return float(np.max(relative_errors(lap, ref)))
 
 
 def xla_flops(compiled) -> float | None:
@@ -176,8 +188,11 @@ def time_round_robin(compiled: dict, xs, repeats: int) -> dict[str, list[float]]
     return times
 
 
-def hessian_f32_error(model, xs, ref) -> float:
-    """Float32 ``jax.hessian`` error, unbatched (for cells that skip the method)."""
+def hessian_f32_laplacians(model, xs) -> list[float]:
+    """Float32 ``jax.hessian`` Laplacians, one jitted call per configuration.
+
+    Unbatched: the batched Hessian of the larger networks hangs.
+    """
     import jax
 
     lap_fn = jax.jit(methods.hessian(model.fn))
@@ -185,7 +200,12 @@ def hessian_f32_error(model, xs, ref) -> float:
     for i, x in enumerate(xs):
         emit("status", method="hessian_f32_err", phase=f"config {i + 1}/{len(xs)}")
         laps.append(float(lap_fn(x)))
-    return relative_error(laps, ref)
+    return laps
+
+
+def hessian_f32_error(model, xs, ref) -> float:
+    """Float32 ``jax.hessian`` error, unbatched (for cells that skip the method)."""
+    return relative_error(hessian_f32_laplacians(model, xs), ref)
 
 
 def load_reference(path: str | None):

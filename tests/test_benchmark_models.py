@@ -202,3 +202,14 @@ def test_accuracy_parses_methods() -> None:
     args = accuracy.parse_args(["--methods", "fwdlap_dense,loop", "--system", "N"])
     assert args.methods == ["fwdlap", "ferminet_loop"]
     assert args.system == ["N"] and args.walkers == 64
+
+
+def test_weight_noise_is_refused_for_other_models(tmp_path: Path) -> None:
+    from benchmarks import cell
+
+    args = cell.parse_args(
+        ["reference", "--model", "mlp", "--n", "4", "--out", str(tmp_path / "r.npz")]
+        + ["--weight-noise", "1e-7"]
+    )
+    with pytest.raises(SystemExit, match="faithful"):
+        cell.run_reference(args)
