@@ -141,8 +141,9 @@ def measure(args, model_name: str, system_name: str) -> None:
     )
     ref = published.reference(model_name, system.n, args.walkers, args.seed)
     names = list(args.methods)
-    reference_name = "hessian" if system.n <= 16 else "ferminet_loop"
-    if system.n <= 16:
+    with_hessian = system.n <= published.HESSIAN_MAX_ELECTRONS
+    reference_name = "hessian" if with_hessian else "ferminet_loop"
+    if with_hessian:
         names.insert(0, "hessian")
     rows: dict = {}
     for name in names:
@@ -153,7 +154,7 @@ def measure(args, model_name: str, system_name: str) -> None:
         changes = weight_sensitivity(args, model_name, system.n, ref)
         rows["float64, weights +-2^-24"] = summary(changes, args.batch)
     print_table(rows, reference_name if reference_name in rows else None)
-    print(f"\nref: {'float32 jax.hessian' if system.n <= 16 else 'the loop'}")
+    print(f"\nref: {'float32 jax.hessian' if with_hessian else 'the loop'}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -105,6 +105,10 @@ def reference(
     return np.load(path)["laplacian"]
 
 
+HESSIAN_MAX_ELECTRONS = 16
+"""The most electrons at which float32 `jax.hessian`'s error is computed (it hangs past
+them); larger systems compare with the loop's error instead."""
+
 REF_ERROR_SOURCE = (
     "float32 jax.hessian's largest relative error (unbatched)",
     "the float32 jvp-of-grad loop's (jax.hessian hangs past 16 electrons)",
@@ -122,7 +126,7 @@ def reference_error(model, xs, ref, rows: dict, n: int) -> float | None:
 
     if ref is None:
         return None
-    if n <= 16:
+    if n <= HESSIAN_MAX_ELECTRONS:
         return hessian_f32_error(model, xs, ref)
     return rows.get("ferminet_loop", {}).get("err")
 
@@ -257,7 +261,7 @@ def time_model(args, model_name: str) -> None:
             f"{f(row['err'] / ref_err if ref_err and 'err' in row else None, '.2f')} |"
         )
     if ref_err:
-        source = REF_ERROR_SOURCE[system.n > 16]
+        source = REF_ERROR_SOURCE[system.n > HESSIAN_MAX_ELECTRONS]
         print(f"\nerr / ref err: against {ref_err:.1e}, {source}")
     if args.profile:
         profile(compiled, xs, args.profile, model_name)
