@@ -178,13 +178,14 @@ def _dot_lhs_shapes(fun: Callable[[jax.Array], Any]) -> list[tuple[int, ...]]:
 
 
 def _rows(shapes: list[tuple[int, ...]], *value_shape: int) -> list[int]:
-    """How many rows (value, laplacian, directions) each product of a value had.
+    """How many rows each product of a value had (sorted).
 
-    A product with constant weights takes the value, its laplacian and its `n`
-    directions as one stack of up to `n + 2` rows.
+    A product with constant weights takes the value and its laplacian as one stack
+    of 2 rows and its `n` directions as another (`n + 1` rows with the laplacian
+    under `lap_partial`).
     """
     k = len(value_shape)
-    return [s[0] for s in shapes if len(s) == k + 1 and s[1:] == value_shape]
+    return sorted(s[0] for s in shapes if len(s) == k + 1 and s[1:] == value_shape)
 
 
 def test_broadcast_means_are_multiplied_before_broadcasting() -> None:
@@ -203,9 +204,9 @@ def test_every_way_of_copying_means_is_multiplied_before_copying(how: str) -> No
     means = _rows(shapes, F) + _rows(shapes, 1, F)
     assert any(n <= r <= n + 2 for r in means), shapes
     # No product sees the means copied to every particle: only the per-particle
-    # features `h` are multiplied at full size, once (value, laplacian, directions).
+    # features `h` are multiplied at full size: value and laplacian, then directions.
     assert not any(s[-1] == 3 * F for s in shapes), shapes
-    assert [n <= r <= n + 2 for r in _rows(shapes, N, F)] == [True], shapes
+    assert _rows(shapes, N, F) == [2, n], shapes
 
 
 def test_no_split_without_a_cheap_broadcast() -> None:

@@ -136,3 +136,25 @@ def test_lap_partial_with_control_flow() -> None:
     out, lap_pe = jax.jit(lambda x: fwdlap.lap_partial(fun, (x,), (eye,), (None,)))(x)
     jac, lap = jax.jit(lambda pe: pe((eye,), (None,)))(lap_pe)
     assert_matches_reference((out, jac, lap), fun, x)
+
+
+_LAYER = jax.jit(lambda h: jnp.tanh(W[:, :4] @ h))
+
+
+def _layers_in_jit_and_loop(x: jax.Array) -> jax.Array:
+    h = _LAYER(jnp.sin(W @ x))  # the layer's input has a laplacian
+    h = lax.fori_loop(0, 2, lambda i, h: _LAYER(h) * 0.5, h)
+    return jnp.sum(_LAYER(h) ** 2)
+
+
+def test_lap_partial_after_a_full_pass_of_the_same_bodies() -> None:
+    # A full pass multiplies value and laplacian by the weights together; the jit
+    # and loop bodies it traced must not be reused by lap_partial, whose value may
+    # not depend on a tangent.
+    x = jnp.asarray(X)
+    eye = identity_jacobian(x)
+    full = fwdlap.lap(_layers_in_jit_and_loop, (x,), (eye,), (None,))
+    assert_matches_reference(full, _layers_in_jit_and_loop, x)
+    out, lap_pe = fwdlap.lap_partial(_layers_in_jit_and_loop, (x,), (eye,), (None,))
+    jac, lap = lap_pe((eye,), (None,))
+    assert_matches_reference((out, jac, lap), _layers_in_jit_and_loop, x)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _jax, sparse
+from . import _jax, registry, sparse
 from .platform import targets_cpu
 from .sparse import SparseSpec, WindowUnsupported, logger, muted, seed_blocks
 from .transform import lap_flat, lap_partial_flat
@@ -592,7 +592,7 @@ def lap_flat_windowed(
     pvals.append(_jax.PartialVal.unknown(_jax.ShapedArray((), jnp.int32)))
     dbg = _jax.make_debug_info("lap_windowed", fun, tuple(primals), {})
     traced = _jax.wrap_init(one_window, debug_info=dbg.with_unknown_names())
-    with sparse.held_reports():
+    with sparse.held_reports(), registry.linearizing():
         jaxpr, out_pvals, consts = _jax.trace_to_jaxpr_nounits(
             traced, pvals, instantiate=False
         )

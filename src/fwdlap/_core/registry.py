@@ -42,8 +42,10 @@ sparse and the fourth-order behaviour together: `def_elementwise`, `def_linear`,
 branches) are added to an entry with `set_pass_rule`.
 """
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -172,6 +174,29 @@ def state() -> tuple[Any, ...]:
     keying caches on this fingerprint makes `fwdlap.register_rule` (or a test that
     swaps a rule) take effect on functions that were already traced. The default
     backend is part of it because some rules emit backend-specific code (see
-    `rules.reduction`).
+    `rules.reduction`), and so is `is_linearizing` (see `rules.bilinear`).
     """
-    return (tuple(map(id, rules.values())), targets_cpu())
+    return (tuple(map(id, rules.values())), targets_cpu(), is_linearizing())
+
+
+_LINEARIZING = contextvars.ContextVar("fwdlap_linearizing", default=False)
+
+
+@contextlib.contextmanager
+def linearizing() -> Iterator[None]:
+    """Marks the passes traced inside as linearised by `lap_partial`.
+
+    Such a pass is split into a part that needs only the primals and a part that
+    needs the tangents, so no value may be computed together with a tangent, even
+    where that would be faster (see `rules.bilinear`).
+    """
+    token = _LINEARIZING.set(True)
+    try:
+        yield
+    finally:
+        _LINEARIZING.reset(token)
+
+
+def is_linearizing() -> bool:
+    """Whether the pass being traced is linearised (see `linearizing`)."""
+    return _LINEARIZING.get()

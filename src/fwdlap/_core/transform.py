@@ -284,9 +284,10 @@ def lap_partial_flat(
     ]
     dbg = _jax.make_debug_info("lap_partial", fun, tuple(primals), {})
     wrapped = _jax.wrap_init(body, debug_info=dbg.with_unknown_names())
-    jaxpr, out_pvals, consts = _jax.trace_to_jaxpr_nounits(
-        wrapped, pvals, instantiate=False
-    )
+    with registry.linearizing():
+        jaxpr, out_pvals, consts = _jax.trace_to_jaxpr_nounits(
+            wrapped, pvals, instantiate=False
+        )
     num_out = store["num_out"]
     primals_out = [_known_value(pv) for pv in out_pvals[:num_out]]
     tangent_pvals = out_pvals[num_out:]

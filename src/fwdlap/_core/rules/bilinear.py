@@ -6,14 +6,14 @@ The fourth-order pass takes the product of the two series, with `ops` saying how
 meets rows of coefficients (`taylor4.rules.BilinearOps`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import dot_split
+from .. import dot_split, registry
 from ..registry import DECLINED
 from ..taylor4 import rules as taylor4_rules
 from ..zeros import (
@@ -116,30 +116,31 @@ def _first_order_as_one_product(ja: Any, jb: Any, a: Any, b: Any, params: Any) -
     )
 
 
-STACK_ROWS = True
-"""Whether a product with a constant operand runs as one product over stacked rows."""
+def _times(b: Any, side: int, params: dict[str, Any]) -> Callable[[Any], Any]:
+    """`r -> r . b` (`side` 0) or `r -> b . r` (`side` 1), mapped over rows of `r`."""
+    if side == 0:
+        return jax.vmap(lambda r: lax.dot_general_p.bind(r, b, **params))
+    return jax.vmap(lambda r: lax.dot_general_p.bind(b, r, **params))
 
 
 def _stacked_product(a: Any, ja: Any, la: Any, b: Any, side: int, params) -> Any:
-    """`(a, J_a, L_a) . b` (or `b . (...)`), the tangents as one product `[L_a, J_a]`.
+    """`(a, J_a, L_a) . b` (or `b . (...)`) where only `a` carries tangents.
 
-    When only one operand carries tangents, the laplacian and every direction of the
-    jacobian are multiplied by the same constant operand (weights): one product of
-    `n + 1` rows instead of a large one and a small one. The value is multiplied on
-    its own, so that it never depends on a tangent (`lap_partial` linearises the
-    pass and needs the value known without the tangents).
+    The laplacian is multiplied by the constant operand (the weights) together with
+    the value, as one product of two rows, and the jacobian on its own: no copy of the
+    large jacobian is made. A linearised pass (`lap_partial`) needs the value computed
+    without the tangents, so there the laplacian goes with the jacobian instead, as
+    one product over the rows `[L_a, J_a]`.
     """
+    times = _times(b, side, params)
+    if is_zero(la):
+        out = lax.dot_general_p.bind(*((a, b) if side == 0 else (b, a)), **params)
+        return out, times(ja), zero_laplacian(out)
+    if not registry.is_linearizing():
+        value_and_lap = times(jnp.stack([a, la.astype(a.dtype)]))
+        return value_and_lap[0], times(ja), value_and_lap[1]
     out = lax.dot_general_p.bind(*((a, b) if side == 0 else (b, a)), **params)
-    if is_zero(la):
-        rows = ja
-    else:
-        rows = jnp.concatenate([la[None].astype(ja.dtype), ja], axis=0)
-    if side == 0:
-        prod = jax.vmap(lambda r: lax.dot_general_p.bind(r, b, **params))(rows)
-    else:
-        prod = jax.vmap(lambda r: lax.dot_general_p.bind(b, r, **params))(rows)
-    if is_zero(la):
-        return out, prod, zero_laplacian(out)
+    prod = times(jnp.concatenate([la[None].astype(ja.dtype), ja], axis=0))
     return out, prod[1:], prod[0]
 
 
@@ -152,11 +153,10 @@ def dot_general_rule(
 ):
     (a, b), (ja, jb), (la, lb) = primals, jacobians, laplacians
     prim = lax.dot_general_p
-    if STACK_ROWS:
-        if is_zero(jb) and is_zero(lb) and not is_zero(ja):
-            return _stacked_product(a, ja, la, b, 0, params)
-        if is_zero(ja) and is_zero(la) and not is_zero(jb):
-            return _stacked_product(b, jb, lb, a, 1, params)
+    if is_zero(jb) and is_zero(lb) and not is_zero(ja):
+        return _stacked_product(a, ja, la, b, 0, params)
+    if is_zero(ja) and is_zero(la) and not is_zero(jb):
+        return _stacked_product(b, jb, lb, a, 1, params)
     out = prim.bind(a, b, **params)
     zero = zero_laplacian(out)
     if _one_product_pays(a, b, out, ja, jb, params):
