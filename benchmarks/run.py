@@ -481,7 +481,14 @@ QUICK = {
     "methods": tuple(
         m
         for m in METHODS
-        if m not in ("folx_sparse", "jvp_of_grad", "floor", "fwdlap_sparse_chunked")
+        if m
+        not in (
+            "folx_sparse",
+            "jvp_of_grad",
+            "floor",
+            "fwdlap_sparse_chunked",
+            "fwdlap_plain",
+        )
     ),
     "repeats": 3,
     "timeout_s": 120.0,

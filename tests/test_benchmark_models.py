@@ -117,6 +117,20 @@ def test_fwdlap_matches_hessian(name: str) -> None:
     np.testing.assert_allclose(float(sparse), float(expected), rtol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["fwdlap", "fwdlap_plain"])
+def test_benchmark_methods_match_hessian(method: str) -> None:
+    """The runner's fwdlap rows, as it calls them, against ``tr(jax.hessian)``."""
+    from benchmarks import methods
+
+    model = small_model("psiformer_paper", "N")
+    x = walker(model)
+    lap_fn = methods.make_laplacian(method, model.fn)
+    expected, got = jax.jit(lambda x: (jnp.trace(jax.hessian(model.fn)(x)), lap_fn(x)))(
+        x
+    )
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-9)
+
+
 def test_ferminet_floor_is_the_same_function() -> None:
     """The floor's FermiNet (layer products split) computes the same ``log|psi|``."""
     model = small_model("ferminet_paper", "O2")
