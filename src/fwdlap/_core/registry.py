@@ -184,11 +184,11 @@ _LINEARIZING = contextvars.ContextVar("fwdlap_linearizing", default=False)
 
 @contextlib.contextmanager
 def linearizing() -> Iterator[None]:
-    """Marks the passes traced inside as linearised by `lap_partial`.
+    """Marks the passes traced inside as linearised (`lap_partial`, sparse windows).
 
     Such a pass is split into a part that needs only the primals and a part that
-    needs the tangents, so no value may be computed together with a tangent, even
-    where that would be faster (see `rules.bilinear`).
+    needs the tangents (or the window), so no value may be computed together with a
+    tangent, even where that would be faster (see `rules.bilinear`).
     """
     token = _LINEARIZING.set(True)
     try:

@@ -128,18 +128,18 @@ def _stacked_product(a: Any, ja: Any, la: Any, b: Any, side: int, params) -> Any
 
     The laplacian is multiplied by the constant operand (the weights) together with
     the value, as one product of two rows, and the jacobian on its own: no copy of the
-    large jacobian is made. A linearised pass (`lap_partial`) needs the value computed
-    without the tangents, so there the laplacian goes with the jacobian instead, as
-    one product over the rows `[L_a, J_a]`.
+    large jacobian is made. A linearised pass (`lap_partial`, the windows of the
+    sparse mode) needs the value computed without the tangents, so there the
+    laplacian goes with the jacobian instead, as one product over the rows
+    `[L_a, J_a]`.
     """
     times = _times(b, side, params)
-    if is_zero(la):
-        out = lax.dot_general_p.bind(*((a, b) if side == 0 else (b, a)), **params)
-        return out, times(ja), zero_laplacian(out)
-    if not registry.is_linearizing():
+    if not is_zero(la) and not registry.is_linearizing():
         value_and_lap = times(jnp.stack([a, la.astype(a.dtype)]))
         return value_and_lap[0], times(ja), value_and_lap[1]
     out = lax.dot_general_p.bind(*((a, b) if side == 0 else (b, a)), **params)
+    if is_zero(la):
+        return out, times(ja), zero_laplacian(out)
     prod = times(jnp.concatenate([la[None].astype(ja.dtype), ja], axis=0))
     return out, prod[1:], prod[0]
 
